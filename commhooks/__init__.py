@@ -1,0 +1,30 @@
+"""commhooks: communication-efficient data-parallel training as DDP communication hooks.
+
+    algo = commhooks.build("parle", ddp_model, optimizer, replica_size=1, **hparams)
+    loss.backward(); algo.step()
+
+The algorithms and their exact update rules are those of ALGORITHMS.md; the building blocks
+(flat buffers, gradient hooks, step wrappers) are importable for your own compositions.
+"""
+
+from .algorithm import Algorithm, Component, Context
+from .averaging import AdaptivePeriod, ConstantPeriod, GradientScope, PeriodicAveraging, synchronize_weights
+from .build import build
+from .comm import CommMeter, Topology, make_topology, replica_max_, replica_mean_, start_replica_mean
+from .config import ALGORITHMS, config_class
+from .consistency import check_same_across_ranks
+from .elastic import ElasticPull, ReferenceAverage, scoped
+from .entropy import ProximalInnerLoop
+from .flat import FlatWeights
+from .gossip import GossipMixing, gossip_peers, random_matching
+from .grad_hooks import GradSyncState, allreduce_hook, compress_wrapper
+from .noise import IsotropicNoise, step_seed
+
+__all__ = [
+    "ALGORITHMS", "Algorithm", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
+    "ElasticPull", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
+    "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "Topology", "allreduce_hook", "build",
+    "check_same_across_ranks", "compress_wrapper", "config_class", "gossip_peers", "make_topology",
+    "random_matching", "replica_max_", "replica_mean_", "scoped", "start_replica_mean", "step_seed",
+    "synchronize_weights",
+]

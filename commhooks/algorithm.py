@@ -1,0 +1,207 @@
+"""The object ``commhooks.build`` returns: an optimizer step wrapped by composable components.
+
+Every algorithm in ALGORITHMS.md is a short list of :class:`Component` s. One call of
+:meth:`Algorithm.step` is::
+
+    for c in components: c.before_optimizer(k)   # mix weights, add pulls to gradients
+    optimizer.step()                             # the user's OptStep
+    for c in components: c.after_optimizer(k)    # average, add noise, outer steps
+    k += 1
+    for c in components: c.prepare(k)            # set up step k's backward (groups, prefetch)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .comm import CommMeter, Topology, replica_max_, replica_mean_
+from .consistency import check_same_across_ranks
+from .flat import FlatWeights
+from .grad_hooks import GradSyncState
+
+
+@dataclass(kw_only=True)
+class Context:
+    """What every component works on: weights, topology, meter, gradient hook state, optimizer."""
+
+    weights: FlatWeights
+    topo: Topology
+    meter: CommMeter
+    grad_state: GradSyncState
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def lr(self) -> float:
+        """The optimizer's current learning rate (first param group), read when used."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def momentum(self) -> float:
+        return float(self.optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
+
+
+class Component:
+    """A step wrapper. Subclasses override what they need; every method defaults to nothing."""
+
+    def prepare(self, k: int) -> None:
+        """Called before step ``k``'s forward/backward (at build, after each step, after load)."""
+
+    def before_optimizer(self, k: int) -> None:
+        """Called in step ``k`` after backward, before the user's optimizer step."""
+
+    def after_optimizer(self, k: int) -> None:
+        """Called in step ``k`` right after the user's optimizer step."""
+
+    def consensus_params(self) -> list[torch.Tensor] | None:
+        """Per-group parameter values whose replica average is "the model" (default: the weights)."""
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Algorithm:
+    """A communication algorithm attached to a DDP model; use :meth:`step` instead of ``optimizer.step()``.
+
+    Args:
+        name: the algorithm's name in ``commhooks.ALGORITHMS``.
+        model: the DDP model (its comm hook is already registered).
+        ctx: the shared context.
+        components: the step wrappers, in order.
+        hparams: the resolved hyper-parameters (for ``state_dict`` and logs).
+        replicas_identical: whether the rule keeps every replica equal (SSGD), so that
+            :meth:`consensus` needs no communication.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: DistributedDataParallel,
+        ctx: Context,
+        components: list[Component],
+        hparams: dict[str, Any],
+        replicas_identical: bool,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.ctx = ctx
+        self.components = components
+        self.hparams = hparams
+        self.replicas_identical = replicas_identical or ctx.topo.num_replicas == 1
+        self.k = 0
+        self._prepare()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.ctx.optimizer
+
+    @property
+    def replica_size(self) -> int:
+        return self.ctx.topo.replica_size
+
+    def _prepare(self) -> None:
+        for c in self.components:
+            c.prepare(self.k)
+
+    def step(self) -> None:
+        """The user's optimizer step plus this algorithm's exchange (ALGORITHMS.md)."""
+        self.ctx.grad_state.end_backward()
+        k = self.k
+        for c in self.components:
+            c.before_optimizer(k)
+        self.optimizer.step()
+        for c in self.components:
+            c.after_optimizer(k)
+        self.k = k + 1
+        self._prepare()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def stats(self) -> dict[str, float]:
+        """Communication and consensus figures (ALGORITHMS.md, last section), plus ``step``."""
+        out = self.ctx.meter.as_dict()
+        for c in self.components:
+            out.update(c.stats())
+        out["step"] = float(self.k)
+        return out
+
+    @contextlib.contextmanager
+    def consensus(self) -> Iterator[torch.nn.Module]:
+        """Inside, the model holds the replica average (for Parle: of the anchors). Collective.
+
+        Every rank must enter it. The local weights are restored on exit, bit for bit.
+        """
+        if self.replicas_identical:
+            yield self.model.module
+            return
+        weights = self.ctx.weights
+        saved = weights.snapshot()
+        try:
+            with torch.no_grad():
+                for c in self.components:
+                    values = c.consensus_params()
+                    if values is not None:
+                        for seg, v in zip(weights.param_segments(), values):
+                            seg.copy_(v)
+                # Communication for evaluation is not the algorithm's: keep it out of the meter.
+                scratch = CommMeter()
+                replica_mean_(weights.comm_segments(), self.ctx.topo, scratch)
+                replica_max_(weights.max_segments(), self.ctx.topo, scratch)
+            yield self.model.module
+        finally:
+            weights.restore(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: counters, controllers, references, RNG positions.
+
+        Per rank (replicas differ). The model's weights and the optimizer's state are not in it:
+        save ``model.state_dict()`` and ``optimizer.state_dict()`` beside it.
+        """
+        return {
+            "algorithm": self.name,
+            "step": self.k,
+            "world_size": self.ctx.topo.world_size,
+            "replica_size": self.ctx.topo.replica_size,
+            "meter": self.ctx.meter.as_dict(),
+            "components": [c.state_dict() for c in self.components],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Load the model's weights first. Collective (checks ranks agree)."""
+        if state.get("algorithm") != self.name:
+            raise ValueError(
+                f"state_dict: saved by algorithm {state.get('algorithm')!r}, this is {self.name!r}"
+            )
+        for key in ("world_size", "replica_size"):
+            mine = getattr(self.ctx.topo, key)
+            if state[key] != mine:
+                raise ValueError(
+                    f"state_dict: saved with {key}={state[key]}, now {key}={mine}; an algorithm's "
+                    "state only resumes on the same layout (start from the replica average instead)"
+                )
+        if len(state["components"]) != len(self.components):
+            raise ValueError("state_dict: component list does not match this algorithm")
+        check_same_across_ranks({"step": state["step"]}, device=self.ctx.weights.device)
+        self.k = int(state["step"])
+        meter = state["meter"]
+        self.ctx.meter.comm_bytes = int(meter["comm_bytes"])
+        self.ctx.meter.syncs = int(meter["syncs"])
+        self.ctx.meter.comm_seconds = float(meter["comm_seconds"])
+        self.ctx.meter.consensus_distance = float(meter["consensus_distance"])
+        for c, s in zip(self.components, state["components"]):
+            c.load_state_dict(s)
+        self._prepare()

@@ -1,0 +1,176 @@
+"""Replica topology, process groups and the flat-buffer collectives every algorithm shares.
+
+Ranks are grouped into ``n = W / m`` replicas of ``m`` consecutive ranks (ALGORITHMS.md,
+"Notation"). Ranks of one replica hold identical weights, so the mean over *all* ``W`` ranks of a
+weight tensor equals the mean over replicas: weight averaging always uses the global group and
+needs no cross-replica groups.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup, ReduceOp
+
+
+@dataclass(kw_only=True)
+class CommMeter:
+    """The communication figures every algorithm reports through ``stats()``.
+
+    Args:
+        comm_bytes: bytes this rank handed to collectives or sends, cumulative.
+        syncs: weight synchronisation rounds, cumulative.
+        comm_seconds: wall seconds this rank spent blocked on communication, cumulative.
+        consensus_distance: ``mean_a ||x̄ - x_a||^2`` at the last synchronisation.
+    """
+
+    comm_bytes: int = 0
+    syncs: int = 0
+    comm_seconds: float = 0.0
+    consensus_distance: float = 0.0
+
+    def count(self, tensors: list[torch.Tensor]) -> None:
+        self.comm_bytes += sum(t.numel() * t.element_size() for t in tensors)
+
+    def wait(self, works: list) -> None:
+        """Wait for async works, charging the blocked time to ``comm_seconds``."""
+        start = time.perf_counter()
+        for work in works:
+            work.wait()
+        self.comm_seconds += time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "comm_bytes": float(self.comm_bytes),
+            "syncs": float(self.syncs),
+            "comm_seconds": self.comm_seconds,
+            "consensus_distance": self.consensus_distance,
+        }
+
+
+@dataclass(kw_only=True)
+class Topology:
+    """Where this rank sits among replicas, and the process groups it communicates over.
+
+    Args:
+        world_size: ``W``.
+        rank: this rank's global rank.
+        replica_size: ``m``, ranks per replica.
+        replica_group: the ranks of this replica, or ``None`` when ``m == 1`` (no exchange).
+        weight_group: a dedicated group over all ranks for asynchronous weight traffic
+            (gossip, reference averages), so it never queues behind the gradient all-reduce.
+    """
+
+    world_size: int
+    rank: int
+    replica_size: int
+    replica_group: ProcessGroup | None
+    weight_group: ProcessGroup | None
+
+    @property
+    def num_replicas(self) -> int:
+        return self.world_size // self.replica_size
+
+    @property
+    def replica_index(self) -> int:
+        return self.rank // self.replica_size
+
+    @property
+    def local_index(self) -> int:
+        return self.rank % self.replica_size
+
+    def rank_of(self, replica: int) -> int:
+        """The rank of replica ``replica`` that holds the same position as this rank."""
+        return replica * self.replica_size + self.local_index
+
+
+def make_topology(replica_size: int, timeout: timedelta | None = None) -> Topology:
+    """Create the replica groups collectively (every rank must call this, in the same order).
+
+    Args:
+        replica_size: ranks per replica; must divide the world size.
+        timeout: collective timeout of the groups created here (default: the default group's).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "commhooks needs an initialized default process group "
+            "(torch.distributed.init_process_group, or launch.runtime.init_distributed)"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not isinstance(replica_size, int) or replica_size < 1:
+        raise ValueError(f"replica_size must be a positive integer, got {replica_size!r}")
+    if world % replica_size != 0:
+        raise ValueError(
+            f"replica_size={replica_size} must divide the world size {world} "
+            "(replicas are groups of replica_size consecutive ranks)"
+        )
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    if replica_size == 1:
+        replica_group = None
+    elif replica_size == world:
+        replica_group = dist.group.WORLD
+    else:
+        replica_group, _ = dist.new_subgroups(group_size=replica_size, **kwargs)
+    weight_group = dist.new_group(ranks=list(range(world)), **kwargs) if world > 1 else None
+    return Topology(
+        world_size=world,
+        rank=rank,
+        replica_size=replica_size,
+        replica_group=replica_group,
+        weight_group=weight_group,
+    )
+
+
+class PendingMean:
+    """A mean over replicas that was started asynchronously; :meth:`wait` finishes it in place."""
+
+    def __init__(self, tensors: list[torch.Tensor], works: list, divisor: int, meter: CommMeter):
+        self.tensors, self._works, self._divisor, self._meter = tensors, works, divisor, meter
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._works is not None:
+            self._meter.wait(self._works)
+            for t in self.tensors:
+                t.div_(self._divisor)
+            self._works = None
+        return self.tensors
+
+
+def start_replica_mean(
+    tensors: list[torch.Tensor], topo: Topology, meter: CommMeter, group: ProcessGroup | None = None
+) -> PendingMean:
+    """Start ``t = mean over replicas of t`` in place for each tensor (async, one collective each).
+
+    With a single replica this is the identity and communicates nothing, so the mean is exact.
+    """
+    if topo.num_replicas == 1:
+        return PendingMean(tensors, None, 1, meter)
+    meter.count(tensors)
+    works = [dist.all_reduce(t, op=ReduceOp.SUM, group=group, async_op=True) for t in tensors]
+    return PendingMean(tensors, works, topo.world_size, meter)
+
+
+def replica_mean_(tensors: list[torch.Tensor], topo: Topology, meter: CommMeter) -> None:
+    """``t = mean over replicas of t`` in place, blocking."""
+    start_replica_mean(tensors, topo, meter).wait()
+
+
+def replica_max_(tensors: list[torch.Tensor], topo: Topology, meter: CommMeter) -> None:
+    """``t = max over replicas of t`` in place, blocking (integer buffers)."""
+    if topo.num_replicas == 1 or not tensors:
+        return
+    meter.count(tensors)
+    meter.wait([dist.all_reduce(t, op=ReduceOp.MAX, async_op=True) for t in tensors])
+
+
+def replica_mean_scalar(value: float, topo: Topology, meter: CommMeter, device: torch.device) -> float:
+    """The mean over replicas of a per-rank float (one scalar all-reduce)."""
+    if topo.num_replicas == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    replica_mean_([t], topo, meter)
+    return float(t.item())

@@ -1,0 +1,115 @@
+"""Entropy-SGD inner loops with elastically coupled anchors: Parle (seed 000, eq. 8; eq. 6).
+
+The model's parameters hold the inner iterate ``y_a``. Per replica: the anchor ``x_a``, the
+running average ``z_a`` and the anchor's momentum ``v_a``. Step ``k`` (``s = k // L``):
+
+1. ``g = grad(y_a) + gamma_s (y_a - x_a)``; ``y_a = OptStep(y_a, g)``            (eq. 8a)
+2. ``z_a = alpha z_a + (1 - alpha) y_a``                                          (eq. 8b)
+3. every ``L`` steps: ``x~ = mean_a(x_a)``; ``d = (x_a - z_a) + rho_s (x_a - x~)`` (eq. 8c);
+   Nesterov on the anchor ``v = mu v + d; x -= lr (d + mu v)`` (Remark 2); ``y = z = x``.
+
+Entropy-SGD is this with one replica: ``x~ = x_a`` exactly, no anchor communication at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .algorithm import Component, Context
+from .averaging import record_distance
+from .elastic import ReferenceAverage, add_to_grads, average_buffers, scoped
+
+
+class ProximalInnerLoop(Component):
+    """The Parle/Entropy-SGD step wrapper (ALGORITHMS.md, "Entropy-SGD and Parle").
+
+    Args:
+        ctx: the shared context.
+        L: inner steps per outer step.
+        alpha: the running average's coefficient.
+        gamma, gamma_max: the proximal coefficient and its cap.
+        rho, rho_max: the elastic coefficient and its cap (0 for Entropy-SGD).
+        steps_per_epoch: ``B`` of the scoping schedule, clock ``s = k // L``.
+        scoping: anneal ``gamma`` and ``rho`` (True) or keep them constant.
+    """
+
+    def __init__(
+        self, ctx: Context, *, L: int, alpha: float, gamma: float, gamma_max: float,
+        rho: float, rho_max: float, steps_per_epoch: int | None, scoping: bool,
+    ) -> None:
+        self.ctx, self.L, self.alpha = ctx, L, alpha
+        self.gamma, self.gamma_max, self.rho, self.rho_max = gamma, gamma_max, rho, rho_max
+        self.steps_per_epoch, self.scoping = steps_per_epoch, scoping
+        params = ctx.weights.param_segments()
+        self.anchor = [p.detach().clone() for p in params]
+        self.average = [p.detach().clone() for p in params]
+        self.velocity = [torch.zeros_like(p) for p in params]
+        self.reference = ReferenceAverage(ctx)
+        self.k = 0
+
+    def coefficients(self, k: int) -> tuple[float, float]:
+        s = k // self.L
+        return (
+            scoped(self.gamma, self.gamma_max, self.steps_per_epoch, s, self.scoping),
+            scoped(self.rho, self.rho_max, self.steps_per_epoch, s, self.scoping),
+        )
+
+    def prepare(self, k: int) -> None:
+        self.k = k
+        if not self.reference.started:
+            # The anchors stay put for the L inner steps: their average runs meanwhile.
+            self.reference.start(self.anchor)
+
+    def before_optimizer(self, k: int) -> None:
+        gamma, _ = self.coefficients(k)
+        with torch.no_grad():
+            y = self.ctx.weights.param_segments()
+            add_to_grads(self.ctx, [yi - xi for yi, xi in zip(y, self.anchor)], gamma)
+
+    def after_optimizer(self, k: int) -> None:
+        y = self.ctx.weights.param_segments()
+        with torch.no_grad():
+            for z, yi in zip(self.average, y):
+                z.mul_(self.alpha).add_(yi, alpha=1.0 - self.alpha)
+        if (k + 1) % self.L == 0:
+            self._outer_step(k)
+
+    def _outer_step(self, k: int) -> None:
+        _, rho = self.coefficients(k)
+        lr, mu = self.ctx.lr, self.ctx.momentum
+        ref = self.reference.get()
+        if self.ctx.topo.num_replicas > 1:
+            self.ctx.meter.syncs += 1
+            record_distance(self.ctx, ref, self.anchor)
+        with torch.no_grad():
+            for x, z, v, r, y in zip(self.anchor, self.average, self.velocity, ref, self.ctx.weights.param_segments()):
+                d = (x - z).add_(x - r, alpha=rho)
+                v.mul_(mu).add_(d)
+                x.sub_(d.add_(v, alpha=mu), alpha=lr)
+                y.copy_(x)
+                z.copy_(x)
+        average_buffers(self.ctx)
+        self.reference.discard()  # consumed: prepare() starts the next outer period's average
+
+    def consensus_params(self) -> list[torch.Tensor]:
+        return self.anchor
+
+    def stats(self) -> dict[str, float]:
+        gamma, rho = self.coefficients(self.k)
+        return {"gamma": gamma, "rho": rho}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": [t.clone() for t in self.anchor],
+            "average": [t.clone() for t in self.average],
+            "velocity": [t.clone() for t in self.velocity],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for key in ("anchor", "average", "velocity"):
+                for dst, src in zip(getattr(self, key), state[key]):
+                    dst.copy_(src)
+        self.reference.discard()  # it was started from the anchors before loading

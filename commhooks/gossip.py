@@ -1,0 +1,131 @@
+"""Decentralized parallel SGD by gossip with random neighbours (DPSGD; seed 002, eq. 2).
+
+Step ``k`` of replica ``a``: the gradient ``g_a`` is taken at the replica's own weights ``x_a``,
+the weights are mixed with a doubly stochastic ``M(k)``, and the step is applied to the mixed
+weights: ``x_a = OptStep(sum_b M_ab(k) x_b, g_a)``. The weights do not change during backward, so
+the exchange starts from the DDP comm hook at the first gradient bucket and finishes in
+``step()``, overlapping the rest of the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .algorithm import Component, Context
+from .averaging import record_distance
+from .comm import PendingMean, replica_mean_, start_replica_mean
+from .noise import step_generator
+
+
+def random_matching(num_replicas: int, seed: int, k: int) -> list[int | None]:
+    """A uniformly random perfect matching of replicas, a pure function of ``(seed, k)``.
+
+    Returns the partner of each replica; with an odd count one replica gets ``None`` (sits out).
+    """
+    perm = torch.randperm(num_replicas, generator=step_generator(seed, k)).tolist()
+    partner: list[int | None] = [None] * num_replicas
+    for i in range(0, num_replicas - 1, 2):
+        a, b = perm[i], perm[i + 1]
+        partner[a], partner[b] = b, a
+    return partner
+
+
+def gossip_peers(topology: str, num_replicas: int, replica: int, seed: int, k: int) -> list[int]:
+    """The replicas whose weights ``replica`` averages with at step ``k`` (``all`` excluded)."""
+    if num_replicas == 1:
+        return []
+    if topology == "random-pair":
+        partner = random_matching(num_replicas, seed, k)[replica]
+        return [] if partner is None else [partner]
+    if topology == "ring":
+        if num_replicas == 2:  # left and right neighbour coincide: the pair average
+            return [1 - replica]
+        return [(replica - 1) % num_replicas, (replica + 1) % num_replicas]
+    raise ValueError(f"topology must be 'random-pair' or 'ring' here, got {topology!r}")
+
+
+class GossipMixing(Component):
+    """Mix the weights with neighbours before the optimizer step; exchange overlaps backward.
+
+    Args:
+        ctx: the shared context; the gradient hook's ``on_first_bucket`` is taken over.
+        topology: ``random-pair``, ``ring`` or ``all``.
+        seed: the matching's seed (``random-pair``).
+        log_every: measure the consensus distance every that many steps (one extra all-reduce
+            of the weights); 0 never.
+    """
+
+    def __init__(self, ctx: Context, topology: str, seed: int, log_every: int) -> None:
+        self.ctx, self.topology, self.seed, self.log_every = ctx, topology, seed, log_every
+        self.k = 0
+        segments = ctx.weights.comm_segments()
+        inboxes = 1 if topology == "all" else (0 if ctx.topo.num_replicas == 1 else 2)
+        # Persistent receive buffers: allocated once, reused every step.
+        self._inbox = [[torch.empty_like(s) for s in segments] for _ in range(inboxes)]
+        self._works: list | None = None
+        self._peers: list[int] = []
+        self._mean: PendingMean | None = None
+        ctx.grad_state.on_first_bucket = self.start_exchange
+
+    def prepare(self, k: int) -> None:
+        self.k = k
+
+    def start_exchange(self) -> None:
+        """Send this replica's weights to its peers for step ``k`` and post the receives."""
+        if self._works is not None:
+            return
+        topo, meter = self.ctx.topo, self.ctx.meter
+        segments = self.ctx.weights.comm_segments()
+        self._works = []
+        if self.topology == "all":
+            for box, seg in zip(self._inbox[0], segments):
+                box.copy_(seg)  # the weights must not change while backward still reads them
+            self._mean = start_replica_mean(self._inbox[0], topo, meter, group=topo.weight_group)
+            return
+        self._peers = gossip_peers(self.topology, topo.num_replicas, topo.replica_index, self.seed, self.k)
+        for peer, boxes in zip(self._peers, self._inbox):
+            other = topo.rank_of(peer)
+            for seg, box in zip(segments, boxes):
+                self._works.append(dist.isend(seg, other, group=topo.weight_group))
+                self._works.append(dist.irecv(box, other, group=topo.weight_group))
+            meter.count(segments)
+
+    def before_optimizer(self, k: int) -> None:
+        self.start_exchange()  # no-op if the hook already started it during backward
+        meter = self.ctx.meter
+        with torch.no_grad():
+            if self.topology == "all":
+                assert self._mean is not None
+                for seg, mean in zip(self.ctx.weights.comm_segments(), self._mean.wait()):
+                    seg.copy_(mean)
+            else:
+                meter.wait(self._works or [])
+                if self._peers:
+                    for i, seg in enumerate(self.ctx.weights.comm_segments()):
+                        for boxes in self._inbox[: len(self._peers)]:
+                            seg.add_(boxes[i])
+                        seg.div_(1 + len(self._peers))
+        if self.ctx.topo.num_replicas > 1:
+            meter.syncs += 1
+        self._works, self._mean = None, None
+
+    def after_optimizer(self, k: int) -> None:
+        if self.log_every and (k + 1) % self.log_every == 0:
+            params = self.ctx.weights.param_segments()
+            mean = [p.detach().clone() for p in params]
+            replica_mean_(mean, self.ctx.topo, self.ctx.meter)
+            record_distance(self.ctx, mean, params)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The matching is a function of (seed, step): the step counter is the RNG position.
+        return {"topology": self.topology, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["topology"] != self.topology or state["seed"] != self.seed:
+            raise ValueError(
+                f"state_dict: saved with topology={state['topology']!r}, seed={state['seed']}; "
+                f"this run has topology={self.topology!r}, seed={self.seed}"
+            )

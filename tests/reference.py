@@ -1,0 +1,252 @@
+"""A single-process simulation of ALGORITHMS.md, and the distributed run it is compared with.
+
+The simulation is a loop over replicas with one plain model and one optimizer each, written
+from the specification and independent of ``commhooks`` (apart from the definition of the
+random streams, ``step_seed``). ``train`` runs the same problem on real gloo ranks through
+``commhooks.build``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commhooks
+from commhooks.noise import step_seed
+
+OPT = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(1234)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def batch(rank: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10_000 + 97 * k + rank)
+    return (torch.randn(3, 5, generator=g, dtype=torch.float64),
+            torch.randn(3, 2, generator=g, dtype=torch.float64))
+
+
+def loss_of(model: nn.Module, rank: int, k: int) -> torch.Tensor:
+    x, y = batch(rank, k)
+    return ((model(x) - y) ** 2).mean()
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: int | None,
+          opt: dict = OPT, save_at: int | None = None, state: dict | None = None) -> dict:
+    """Run ``steps`` steps of ``name`` on this rank; return final parameters, stats, period trace.
+
+    ``state`` (a previous run's ``saved``) resumes from it; ``save_at`` saves after that step.
+    """
+    model = make_model()
+    ddp = DDP(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), **opt)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+    algo = commhooks.build(name, ddp, optimizer, replica_size, **hp)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        algo.load_state_dict(state["algorithm"])
+        start = state["step"]
+    periods, saved = [], None
+    for k in range(start, steps):
+        optimizer.zero_grad()
+        loss_of(ddp, rank, k).backward()
+        algo.step()
+        periods.append(algo.stats().get("period"))
+        if save_at is not None and k + 1 == save_at:
+            saved = {"model": {n: t.clone() for n, t in model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(), "step": k + 1}
+    return {"params": flat(model.parameters()), "stats": algo.stats(), "periods": periods, "saved": saved}
+
+
+class Simulation:
+    """``n`` replicas of ``m`` ranks, each replica a plain model with its own optimizer."""
+
+    def __init__(self, world: int, replica_size: int, opt: dict = OPT):
+        self.W, self.m, self.n = world, replica_size, world // replica_size
+        self.models = [make_model() for _ in range(self.n)]
+        self.opts = [torch.optim.SGD(mod.parameters(), **opt) for mod in self.models]
+        self.lr, self.mu = opt["lr"], opt.get("momentum", 0.0)
+
+    def x(self, a: int) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.models[a].parameters()]
+
+    def set_x(self, a: int, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.models[a].parameters(), values):
+                p.copy_(v)
+
+    def grad(self, a: int, k: int, ranks: list[int] | None = None) -> list[torch.Tensor]:
+        """Mean over ``ranks`` (default: replica a's) of the local gradients at ``x_a``."""
+        ranks = ranks if ranks is not None else list(range(a * self.m, (a + 1) * self.m))
+        model = self.models[a]
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        for r in ranks:
+            model.zero_grad()
+            loss_of(model, r, k).backward()
+            for t, p in zip(total, model.parameters()):
+                t += p.grad
+        return [t / len(ranks) for t in total]
+
+    def global_grad(self, k: int) -> list[torch.Tensor]:
+        """Mean over all W ranks of the local gradients, each at its own replica's weights."""
+        per = [self.grad(a, k) for a in range(self.n)]
+        return [sum(g[i] for g in per) / self.n for i in range(len(per[0]))]
+
+    def opt_step(self, a: int, point: list[torch.Tensor], grad: list[torch.Tensor]) -> None:
+        """``x_a = OptStep(point, grad)`` with replica a's own optimizer state."""
+        self.set_x(a, point)
+        for p, g in zip(self.models[a].parameters(), grad):
+            p.grad = g.clone()
+        self.opts[a].step()
+
+    def mean_x(self) -> list[torch.Tensor]:
+        xs = [self.x(a) for a in range(self.n)]
+        return [sum(x[i] for x in xs) / self.n for i in range(len(xs[0]))]
+
+    def average(self) -> float:
+        """``x_a = mean_a(x_a)``; returns ``S = mean_a ||x̄ - x_a||^2``."""
+        mean = self.mean_x()
+        s = sum(float(sum(((m - xi) ** 2).sum() for m, xi in zip(mean, self.x(a))))
+                for a in range(self.n)) / self.n
+        for a in range(self.n):
+            self.set_x(a, mean)
+        return s
+
+    def flat_params(self, a: int) -> torch.Tensor:
+        return flat(self.models[a].parameters())
+
+
+def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
+             opt: dict = OPT) -> tuple[Simulation, list]:
+    """Run ALGORITHMS.md's rule for ``name``; return the simulation and ADPSGD's period trace."""
+    if name == "entropysgd":
+        replica_size = world
+    sim = Simulation(world, replica_size, opt)
+    n, trace = sim.n, []
+    q = 1 - 1 / (2 * hp["steps_per_epoch"]) if hp.get("scoping", True) and "steps_per_epoch" in hp else None
+
+    def scoped(coef, cap, clock):
+        return coef if q is None else min(cap, coef * q ** (-clock))
+
+    # State of ADPSGD / CPSGD
+    c, p = 0, hp.get("p_init", hp.get("period"))
+    c2_samples: list[float] = []
+    # State of Parle
+    anchors = [sim.x(a) for a in range(n)]
+    zs = [sim.x(a) for a in range(n)]
+    vs = [[torch.zeros_like(t) for t in anchors[0]] for _ in range(n)]
+    ref = None
+
+    for k in range(steps):
+        if name in ("ssgd", "ssgd-noise"):
+            g = sim.global_grad(k)
+            for a in range(n):
+                sim.opt_step(a, sim.x(a), g)
+            if name == "ssgd-noise":
+                for a in range(n):
+                    gen = torch.Generator().manual_seed(step_seed(hp.get("seed", 0), k))
+                    noise = torch.randn(sum(t.numel() for t in sim.x(a)), generator=gen, dtype=torch.float64)
+                    sizes = [t.numel() for t in sim.x(a)]
+                    sim.set_x(a, [xi + hp["noise_std"] * ni.view_as(xi)
+                                  for xi, ni in zip(sim.x(a), noise.split(sizes))])
+        elif name in ("cpsgd", "adpsgd"):
+            w = hp.get("warmup_steps", 0)
+            if k < w:
+                g = sim.global_grad(k)
+                for a in range(n):
+                    sim.opt_step(a, sim.x(a), g)
+            else:
+                for a in range(n):
+                    sim.opt_step(a, sim.x(a), sim.grad(a, k))
+                c += 1
+                if c == p:
+                    S = sim.average()
+                    c = 0
+                    if name == "adpsgd":
+                        lr = sim.lr
+                        if k < hp["sample_steps"] or not c2_samples:
+                            c2_samples.append(S / lr)
+                        else:
+                            C2 = sum(c2_samples) / len(c2_samples)
+                            if S < hp.get("low", 0.7) * lr * C2:
+                                p += 1
+                            elif S > hp.get("high", 1.3) * lr * C2:
+                                p = max(hp.get("p_min", 1), p - 1)
+                            if hp.get("p_max") is not None:
+                                p = min(p, hp["p_max"])
+            trace.append(p if name == "adpsgd" else None)
+        elif name == "dpsgd":
+            xs = [sim.x(a) for a in range(n)]
+            gs = [sim.grad(a, k) for a in range(n)]
+            top = hp.get("topology", "random-pair")
+            for a in range(n):
+                if n == 1:
+                    mixed = xs[a]
+                elif top == "all":
+                    mixed = sim_mean(xs)
+                elif top == "ring":
+                    mixed = sim_mean([xs[a], xs[1 - a]]) if n == 2 else \
+                        sim_mean([xs[(a - 1) % n], xs[a], xs[(a + 1) % n]])
+                else:
+                    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(hp.get("seed", 0), k))).tolist()
+                    pos = perm.index(a)
+                    if pos == n - 1 and n % 2 == 1:
+                        mixed = xs[a]
+                    else:
+                        b = perm[pos + 1] if pos % 2 == 0 else perm[pos - 1]
+                        mixed = sim_mean([xs[a], xs[b]])
+                sim.opt_step(a, mixed, gs[a])
+        elif name == "easgd":
+            period = hp.get("period", 1)
+            if k % period == 0:
+                ref = sim.mean_x()
+            rho = scoped(hp.get("rho", 1.0), hp.get("rho_max", 10.0), k // period)
+            for a in range(n):
+                xa = sim.x(a)
+                g = [gi + rho * (xi - ri) for gi, xi, ri in zip(sim.grad(a, k), xa, ref)]
+                sim.opt_step(a, xa, g)
+        elif name in ("parle", "entropysgd"):
+            L, alpha = hp.get("L", 25), hp.get("alpha", 0.75)
+            s = k // L
+            gamma = scoped(hp.get("gamma", 0.01), hp.get("gamma_max", 1.0), s)
+            rho = scoped(hp.get("rho", 1.0), hp.get("rho_max", 10.0), s) if name == "parle" else 0.0
+            for a in range(n):
+                y = sim.x(a)
+                g = [gi + gamma * (yi - xi) for gi, yi, xi in zip(sim.grad(a, k), y, anchors[a])]
+                sim.opt_step(a, y, g)
+                zs[a] = [alpha * z + (1 - alpha) * yi for z, yi in zip(zs[a], sim.x(a))]
+            if (k + 1) % L == 0:
+                ref = sim_mean(anchors)
+                for a in range(n):
+                    d = [(x - z) + rho * (x - r) for x, z, r in zip(anchors[a], zs[a], ref)]
+                    vs[a] = [sim.mu * v + di for v, di in zip(vs[a], d)]
+                    anchors[a] = [x - sim.lr * (di + sim.mu * v) for x, di, v in zip(anchors[a], d, vs[a])]
+                    sim.set_x(a, anchors[a])
+                    zs[a] = [x.clone() for x in anchors[a]]
+        else:
+            raise AssertionError(name)
+    return sim, trace
+
+
+def sim_mean(xs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [sum(x[i] for x in xs) / len(xs) for i in range(len(xs[0]))]
+
+
+def assert_matches(results: list[dict], sim: Simulation, tol: float = 1e-9) -> None:
+    """Rank r's final parameters equal its replica's in the simulation, to ``tol``."""
+    for rank, res in enumerate(results):
+        expected = sim.flat_params(rank // sim.m)
+        err = float((res["params"] - expected).abs().max())
+        assert err < tol, f"rank {rank}: max |distributed - simulated| = {err:.3e}"
+    assert math.isfinite(float(results[0]["params"].abs().max()))

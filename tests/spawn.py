@@ -1,0 +1,78 @@
+"""Run a function on several gloo ranks (forked processes), with a hard timeout.
+
+``run_ranks(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)`` in ``world_size``
+processes that share a FileStore process group, and returns the list of their return values
+(saved with ``torch.save``, so tensors come back intact). A rank that raises makes the call raise
+with its traceback; a rank that hangs (a collective nobody answers) is killed at ``timeout``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _entry(fn: Callable, rank: int, world_size: int, workdir: str, timeout: float, args: tuple) -> None:
+    torch.set_num_threads(1)
+    result_path = os.path.join(workdir, f"result_{rank}.pt")
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.path.join(workdir, 'store')}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+        )
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": result}, result_path)
+    except BaseException:  # report everything, including assertion errors, to the parent
+        torch.save({"error": traceback.format_exc()}, result_path)
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    os._exit(0)
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as workdir:
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, workdir, timeout, args), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results, errors = [], []
+        for r in range(world_size):
+            path = os.path.join(workdir, f"result_{r}.pt")
+            if not os.path.exists(path):
+                results.append(None)
+                continue
+            out = torch.load(path, weights_only=False)
+            if "error" in out:
+                errors.append(f"--- rank {r} ---\n{out['error']}")
+            results.append(out.get("ok"))
+        if errors:
+            raise RuntimeError("rank(s) failed:\n" + "\n".join(errors))
+        if hung:
+            raise TimeoutError(f"rank(s) {hung} still running after {timeout}s (a hung collective?)")
+        return results
