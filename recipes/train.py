@@ -1,0 +1,308 @@
+"""The training loop every recipe shares: data on the device, DDP + a commhooks algorithm,
+evaluation of the consensus model, checkpoints, TensorBoard, a results file.
+
+A recipe (``recipes.cifar``, ``recipes.mnist``) is a :class:`recipes.cli.Recipe` — its data
+sets and models — handed to :func:`main`. Run it under ``torchrun`` / ``python -m launch`` or as
+a single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import inspect
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commhooks
+from launch.checkpoint import Checkpointer
+from launch.runtime import Runtime, init_distributed, shutdown
+
+from recipes.cli import Recipe, parse_args, resolve_hparams
+from recipes.data import Dataset, DatasetUnavailable, TensorLoader, val_batches
+from recipes.models import build_model
+from recipes.report import Reporter
+
+EXIT_USAGE = 2  # bad configuration or missing data: not worth an elastic restart
+
+# Algorithms whose replicas always hold identical weights: DDP may keep buffers in sync itself.
+_SYNCHRONOUS = ("ssgd", "ssgd-noise")
+
+
+def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
+    """DDP with forward buffer sync only for synchronous algorithms.
+
+    Otherwise rank 0's BatchNorm statistics would overwrite every replica's at each forward
+    (PITFALLS.md). torch 2.15 renames ``broadcast_buffers`` to ``forward_sync_buffers``.
+    """
+    params = inspect.signature(DDP.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    kwargs: dict[str, Any] = {key: sync_buffers}
+    if rt.device.type == "cuda":
+        kwargs["device_ids"] = [rt.device.index]
+    return DDP(model, **kwargs)
+
+
+def lr_at(step: int, *, base: float, milestones: Sequence[int], decay: float, steps_per_epoch: int) -> float:
+    """Step schedule: ``base * decay ** (number of milestone epochs reached)`` (stateless)."""
+    return base * decay ** bisect.bisect_right(milestones, step / steps_per_epoch)
+
+
+@dataclass(kw_only=True)
+class Meter:
+    """Sums of loss, correct predictions and examples; reduced over ranks when read."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = y.numel()
+        self.loss += loss.item() * n
+        self.correct += (logits.argmax(1) == y).sum().item()
+        self.count += n
+
+    def reduce(self, device: torch.device) -> tuple[float, float]:
+        """(mean loss, accuracy) over every rank's examples; collective."""
+        t = torch.tensor([self.loss, self.correct, self.count], dtype=torch.float64, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        loss, correct, count = t.tolist()
+        return (loss / count, correct / count) if count else (math.nan, math.nan)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on the validation set; each rank takes a 1/W share.
+
+    Called inside ``algo.consensus()``: every rank then holds the same (averaged) weights, so
+    splitting the set among ranks and summing is the consensus model's exact figure.
+    """
+    was_training = model.training
+    model.eval()
+    m = Meter()
+    for x, y in val_batches(data, rt.rank, rt.world_size, batch_size):
+        logits = model(x)
+        m.add(F.cross_entropy(logits, y), logits, y)
+    model.train(was_training)
+    return m.reduce(rt.device)
+
+
+def _set_threads(rt: Runtime) -> None:
+    # Several ranks on one CPU host would each start one thread per core and thrash; torchrun
+    # sets OMP_NUM_THREADS=1 for that reason, and we keep an explicit user setting.
+    if rt.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _fail(rt: Runtime | None, message: str) -> None:
+    if rt is None or rt.is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    shutdown()
+    sys.exit(EXIT_USAGE)
+
+
+def _all_true(flag: bool, rt: Runtime) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)  # CPU: gloo serves it beside NCCL
+    if dist.is_initialized() and rt.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _load_data(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Dataset:
+    """Load the data set on every rank; a missing one ends every rank with one message.
+
+    With ``--download`` the first rank of each node fetches first and the others then read its
+    files: concurrent downloads into one folder race.
+    """
+    data, error = None, None
+    for turn in (True, False):
+        if (not args.download or rt.local_rank == 0) == turn:
+            try:
+                data = recipe.load(args)
+            except DatasetUnavailable as e:
+                error = str(e)
+        if not _all_true(error is None, rt):
+            _fail(rt, error or "the data set is unavailable on another rank (see rank 0)")
+    assert data is not None
+    return data
+
+
+def main(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Parse the command line, train, and return the results (on rank 0; None elsewhere)."""
+    args = parse_args(recipe, argv)
+    rt = init_distributed(seed=args.seed, config=vars(args), device=args.device)
+    try:
+        return _run(recipe, args, rt)
+    finally:
+        shutdown()
+
+
+def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any] | None:
+    _set_threads(rt)
+    say = (lambda *a: print(*a, flush=True)) if rt.is_main else (lambda *a: None)
+    t_start = time.perf_counter()
+
+    # -- data --------------------------------------------------------------------------------
+    data = _load_data(recipe, args, rt).to(rt.device)
+    replica_size = args.replica_size
+    if replica_size is None:
+        # Entropy-SGD is Parle with a single replica (ALGORITHMS.md): every rank in it
+        replica_size = rt.world_size if args.algo == "entropysgd" else 1
+    if replica_size < 1 or rt.world_size % replica_size:
+        _fail(rt, f"--replica-size {replica_size} must divide the world size {rt.world_size}")
+    try:
+        loader = TensorLoader(data, batch_size=args.batch_size, rank=rt.rank,
+                              world_size=rt.world_size, replica_size=replica_size,
+                              policy=args.data_policy, seed=args.seed)
+    except ValueError as e:
+        _fail(rt, str(e))
+    B = len(loader)
+    total_steps = B * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    passed, effective, notes = resolve_hparams(args, steps_per_epoch=B, total_steps=total_steps)
+
+    # -- model, DDP, optimizer, algorithm ----------------------------------------------------
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP checks too)
+    model = build_model(args.model, data.in_channels, data.num_classes, args.width).to(rt.device)
+    ddp = wrap_ddp(model, rt, sync_buffers=args.algo in _SYNCHRONOUS)
+    ckpt = Checkpointer(args.checkpoint_dir, rt, keep=2) if args.checkpoint_dir else None
+    resume = ckpt.latest() if ckpt else None
+    if resume:
+        resume.load_model(ddp.module)
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum,
+                          nesterov=args.nesterov, weight_decay=args.weight_decay)
+    try:
+        algo = commhooks.build(args.algo, ddp, opt, replica_size=replica_size, **passed)
+    except ValueError as e:
+        _fail(rt, f"{args.algo}: {e}")
+    step = 0
+    if resume:
+        resume.load_training(optimizer=opt, algorithm=algo, loader=loader)
+        step = resume.step
+        if resume.resized:
+            # the loader's position is per world size: restart the interrupted epoch
+            loader.epoch, loader.position = int(resume.extra.get("epoch", 0)), 0
+            step = loader.epoch * B
+            say(f"resized resume: restarting epoch {loader.epoch} at step {step}")
+
+    # -- the start banner --------------------------------------------------------------------
+    logdir = args.logdir or os.path.join("runs", f"{recipe.name}-{args.dataset}-{args.algo}")
+    n_replicas = rt.world_size // replica_size
+    say(f"{recipe.name}: {data.note}")
+    say(f"model {args.model} (width {args.width}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters) on {rt.device}, {rt.world_size} ranks = {n_replicas} replicas x "
+        f"{replica_size}, data policy {args.data_policy}, {B} steps per epoch, {total_steps} steps")
+    say(f"optimizer SGD lr {args.lr} momentum {args.momentum} nesterov {args.nesterov} "
+        f"weight decay {args.weight_decay}; lr x{args.lr_decay} at epochs {args.lr_milestones}")
+    say(f"{args.algo} hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in effective.items()))
+    for n in notes:
+        say(f"{args.algo}: adapted default: {n}")
+    if resume:
+        say(f"resumed at step {step} (epoch {loader.epoch}, batch {loader.position})")
+
+    report = Reporter(enabled=rt.is_main, logdir=logdir, total_steps=total_steps,
+                      title=f"{args.algo}", start_step=step)
+    log_every = args.log_interval or max(1, B // 10)
+    lr_kw = dict(base=args.lr, milestones=args.lr_milestones, decay=args.lr_decay, steps_per_epoch=B)
+
+    # -- the loop ----------------------------------------------------------------------------
+    window, epoch_meter = Meter(), Meter()
+    val_loss = val_acc = train_loss = train_acc = math.nan
+    t_train = time.perf_counter()
+    steps_this_run, seen_since = 0, 0
+    t_window = time.perf_counter()
+    ddp.train()
+    done = step >= total_steps
+    while not done:
+        epoch = loader.epoch
+        for x, y in loader:
+            lr = lr_at(step, **lr_kw)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            logits = ddp(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            algo.step()
+            step += 1
+            steps_this_run += 1
+            window.add(loss.detach(), logits.detach(), y)
+            seen_since += y.numel()
+
+            if step % log_every == 0:
+                wl, wa = window.reduce(rt.device)  # collective: every rank, same steps
+                epoch_meter.loss += window.loss
+                epoch_meter.correct += window.correct
+                epoch_meter.count += window.count
+                window = Meter()
+                now = time.perf_counter()
+                throughput = seen_since * rt.world_size / max(now - t_window, 1e-9)
+                t_window, seen_since = now, 0
+                report.scalars(step, {"train/loss": wl, "train/acc": wa, "lr": lr,
+                                      "throughput/images_per_s": throughput})
+                report.stats(step, args.algo, algo.stats())
+                report.progress(step, f"loss {wl:.3f} acc {wa:.3f} {throughput:,.0f} img/s")
+            if ckpt and args.checkpoint_every and step % args.checkpoint_every == 0:
+                ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader,
+                          extra={"epoch": loader.epoch, "wall": time.perf_counter() - t_start})
+            if step >= total_steps:
+                done = True
+                break
+        epoch_end = loader.position == 0  # the loader rolled over (not cut by --max-steps)
+        if done or (epoch_end and (epoch + 1) % args.eval_every == 0):
+            epoch_meter.loss += window.loss
+            epoch_meter.correct += window.correct
+            epoch_meter.count += window.count
+            window = Meter()
+            train_loss, train_acc = epoch_meter.reduce(rt.device)
+            epoch_meter = Meter()
+            with algo.consensus():
+                val_loss, val_acc = evaluate(ddp.module, data, rt, max(256, args.batch_size))
+            stats = algo.stats()
+            report.scalars(step, {"val/loss": val_loss, "val/acc": val_acc})
+            report.stats(step, args.algo, stats)
+            report.line(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.4f} "
+                        f"acc {train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
+                        f"syncs {int(stats.get('syncs', 0))} comm {stats.get('comm_bytes', 0) / 1e6:.1f} MB")
+
+    wall = time.perf_counter() - t_start
+    train_wall = time.perf_counter() - t_train
+    stats = algo.stats()
+    results: dict[str, Any] = {
+        "recipe": recipe.name, "dataset": args.dataset, "model": args.model, "algo": args.algo,
+        "world_size": rt.world_size, "replica_size": replica_size, "data_policy": args.data_policy,
+        "epochs": args.epochs, "steps": step, "steps_per_epoch": B,
+        "val_acc": val_acc, "val_loss": val_loss, "train_loss": train_loss, "train_acc": train_acc,
+        "comm_bytes": stats.get("comm_bytes"), "syncs": stats.get("syncs"),
+        "comm_seconds": stats.get("comm_seconds"), "consensus_distance": stats.get("consensus_distance"),
+        "wall_seconds": wall, "train_seconds": train_wall,
+        "images_per_second": steps_this_run * args.batch_size * rt.world_size / max(train_wall, 1e-9),
+        "hparams": effective, "adapted": notes,
+        "training": {"batch_size": args.batch_size, "lr": args.lr, "lr_milestones": args.lr_milestones,
+                     "lr_decay": args.lr_decay, "momentum": args.momentum, "nesterov": args.nesterov,
+                     "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width},
+    }
+    report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": replica_size,
+                    **results["training"], **{f"{args.algo}.{k}": v for k, v in effective.items()}},
+                   {"val_acc": val_acc, "val_loss": val_loss})
+    report.summary(f"{recipe.name} {args.dataset} {args.algo}", {
+        "val acc": val_acc, "val loss": val_loss, "train loss": train_loss, "steps": step,
+        "syncs": results["syncs"], "comm MB": (results["comm_bytes"] or 0) / 1e6,
+        "comm s": results["comm_seconds"], "images/s": results["images_per_second"],
+        "wall s": wall})
+    report.results(args.results, results)
+    report.close()
+    return results if rt.is_main else None
