@@ -41,10 +41,12 @@ def flat(params) -> torch.Tensor:
 
 
 def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: int | None,
-          opt: dict = OPT, save_at: int | None = None, state: dict | None = None) -> dict:
+          opt: dict = OPT, save_at: int | None = None, state: dict | None = None,
+          data_offset: int = 0) -> dict:
     """Run ``steps`` steps of ``name`` on this rank; return final parameters, stats, period trace.
 
-    ``state`` (a previous run's ``saved``) resumes from it; ``save_at`` saves after that step.
+    ``state`` (a previous run's ``saved``) resumes from it; ``save_at`` saves after that step;
+    rank r reads rank ``r + data_offset``'s data.
     """
     model = make_model()
     ddp = DDP(model, broadcast_buffers=False)
@@ -57,16 +59,18 @@ def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: 
         optimizer.load_state_dict(state["optimizer"])
         algo.load_state_dict(state["algorithm"])
         start = state["step"]
-    periods, saved = [], None
+    periods, peers, saved = [], [], None
     for k in range(start, steps):
         optimizer.zero_grad()
-        loss_of(ddp, rank, k).backward()
+        loss_of(ddp, rank + data_offset, k).backward()
         algo.step()
         periods.append(algo.stats().get("period"))
+        peers.append([list(c._peers) for c in algo.components if hasattr(c, "_peers")])
         if save_at is not None and k + 1 == save_at:
             saved = {"model": {n: t.clone() for n, t in model.state_dict().items()},
                      "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(), "step": k + 1}
-    return {"params": flat(model.parameters()), "stats": algo.stats(), "periods": periods, "saved": saved}
+    return {"params": flat(model.parameters()), "stats": algo.stats(), "periods": periods,
+            "peers": peers, "saved": saved}
 
 
 class Simulation:

@@ -34,6 +34,7 @@ def _entry(fn: Callable, rank: int, world_size: int, workdir: str, timeout: floa
         )
         result = fn(rank, world_size, *args)
         torch.save({"ok": result}, result_path)
+        dist.barrier()  # no rank tears its group down while a peer still talks to it
     except BaseException:  # report everything, including assertion errors, to the parent
         torch.save({"error": traceback.format_exc()}, result_path)
         os._exit(1)
