@@ -210,11 +210,12 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Na
 # Per-algorithm defaults
 
 
-# Parle, Section 4.2: MNIST with batch 128 has B = 469 steps per epoch, i.e. B / L ~ 19 outer
-# steps per epoch at L = 25. On a small data set we keep roughly that many outer steps per epoch
-# rather than L, or the run would take a handful of outer steps in all.
-_PARLE_OUTER_PER_EPOCH = 19
-_PARLE_MIN_L = 5
+# Parle's runs take 16-19 outer steps per epoch (MNIST: B = 469, CIFAR: B = 391 at L = 25). A
+# small data set (digits: 11-44 steps per epoch) would take a handful of outer steps in a whole
+# run at L = 25; below 4 outer steps per epoch the recipe uses a short inner loop instead.
+_PARLE_L = 25
+_SMALL_L = 5
+_MIN_OUTER_PER_EPOCH = 4
 
 
 def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: int
@@ -226,7 +227,7 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     - adpsgd: warm-up of one epoch and ``sample_steps`` a quarter of the run (ADPSGD, Section III);
     - easgd: ``steps_per_epoch`` = this run's B (the scoping of Parle eq. 9);
     - entropysgd/parle: ``L = 25``, ``alpha = 0.75`` (Parle, Section 3), ``steps_per_epoch`` = B;
-      ``L`` shrinks on small data sets to keep ~19 outer steps per epoch, as the paper's MNIST.
+      ``L`` becomes 5 on small data sets (< 4 outer steps per epoch at L = 25).
     """
     B, notes = steps_per_epoch, []
     d: dict[str, Any] = {}
@@ -243,17 +244,13 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     elif algo == "easgd":
         d = {"rho": 1.0, "steps_per_epoch": B}
     elif algo in ("entropysgd", "parle"):
-        d = {"L": 25, "alpha": 0.75, "steps_per_epoch": B}
+        d = {"L": _PARLE_L, "alpha": 0.75, "steps_per_epoch": B}
         if algo == "parle":
             d["rho"] = 1.0
-        if B < 25 * _PARLE_OUTER_PER_EPOCH:
-            L = max(_PARLE_MIN_L, min(25, B // _PARLE_OUTER_PER_EPOCH))
-            L = min(L, max(1, B))
-            if L != 25:
-                d["L"] = L
-                notes.append(f"L 25 -> {L}: {B} steps per epoch would give {B / 25:.1f} outer steps "
-                             f"per epoch; the paper's MNIST run has ~{_PARLE_OUTER_PER_EPOCH} "
-                             f"(B = 469, L = 25)")
+        if B < _MIN_OUTER_PER_EPOCH * _PARLE_L:
+            d["L"] = min(_SMALL_L, B)
+            notes.append(f"L {_PARLE_L} -> {d['L']}: {B} steps per epoch would give {B / _PARLE_L:.1f} "
+                         f"outer steps per epoch (the paper's MNIST and CIFAR runs have 16-19)")
     takes = {f.name for f in dataclasses.fields(commhooks.config_class(algo))}
     if "seed" in takes:
         d["seed"] = seed

@@ -107,7 +107,8 @@ class Reporter:
                 self.writer.add_scalar(tag, f, step)
 
     def stats(self, step: int, algo: str, stats: dict[str, Any]) -> None:
-        self.scalars(step, {stat_tag(algo, k): v for k, v in stats.items()})
+        # the algorithm's own step counter is the x axis already
+        self.scalars(step, {stat_tag(algo, k): v for k, v in stats.items() if k != "step"})
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Record the run's configuration: a text summary, and TensorBoard's HPARAMS plugin."""
