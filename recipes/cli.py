@@ -112,8 +112,12 @@ def _add_hparam_flags(parser: argparse.ArgumentParser) -> None:
     for name, uses in sorted(hparam_fields().items(), key=lambda kv: kv[0].lower()):
         if name in _SHARED:
             continue
-        algos = ", ".join(a for a, _, _ in uses)
         _, f, tp = uses[0]
+        libs = {a: ("required" if g.default is dataclasses.MISSING else f"{g.default}") for a, g, _ in uses}
+        if len(set(libs.values())) == 1:
+            algos = ", ".join(libs) + f"; library default {next(iter(libs.values()))}"
+        else:
+            algos = "library defaults: " + ", ".join(f"{a} {v}" for a, v in libs.items())
         flag = "--" + name.replace("_", "-")
         inner, _ = _unwrap(tp)
         if inner is bool:
@@ -138,10 +142,12 @@ def _int_list(text: str) -> list[int]:
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m recipes.{recipe.name}", description=recipe.description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="data set defaults: " + "; ".join(
+            f"{name}: {d.model} x{d.width}, {d.epochs} epochs, batch {d.batch_size}, lr {d.lr}, "
+            f"wd {d.weight_decay}" for name, d in recipe.datasets.items()))
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", choices=sorted(recipe.datasets), default=recipe.default_dataset)
-    g.add_argument("--data-dir", default="./data", help="where torchvision data sets live")
+    g.add_argument("--data-dir", default="./data", help="where torchvision data sets live (./data)")
     g.add_argument("--download", action="store_true", help="download the data set if missing")
     g.add_argument("--no-verify", dest="verify", action="store_false",
                    help="accept a data folder whose files do not match torchvision's md5 sums")
@@ -152,19 +158,20 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                         "parle (the Parle paper's setting), shard otherwise")
 
     t = p.add_argument_group("training")
-    t.add_argument("--algo", choices=commhooks.ALGORITHMS, default="ssgd")
-    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--algo", choices=commhooks.ALGORITHMS, default="ssgd", help="(ssgd)")
+    t.add_argument("--epochs", type=int, default=None, help="default: per data set, as below")
     t.add_argument("--batch-size", type=int, default=None, help="per rank")
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--lr", type=float, default=None, help="initial learning rate")
     t.add_argument("--lr-milestones", type=_int_list, default=None,
-                   help="epochs at which the lr is multiplied by --lr-decay, e.g. 60,120,160")
+                   help="epochs at which the lr is multiplied by --lr-decay, e.g. 60,120,160 "
+                        "(default: the data set's, as fractions of --epochs)")
     t.add_argument("--lr-decay", type=float, default=None)
     t.add_argument("--momentum", type=float, default=None)
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--replica-size", type=int, default=None,
                    help="ranks per replica; default 1 (entropysgd: the world size, one replica)")
-    t.add_argument("--seed", type=int, default=0, help="also the algorithms' own seed")
+    t.add_argument("--seed", type=int, default=0, help="also the algorithms' own seed (0)")
     t.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
 
@@ -173,7 +180,7 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     o.add_argument("--results", default=None, metavar="FILE.json", help="summary written by rank 0")
     o.add_argument("--checkpoint-dir", default=None)
     o.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="0 = never")
-    o.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
+    o.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS", help="(1)")
     o.add_argument("--log-interval", type=int, default=None, metavar="STEPS",
                    help="train scalars (default: about 10 per epoch)")
     _add_hparam_flags(p)
@@ -218,13 +225,15 @@ _SMALL_L = 5
 _MIN_OUTER_PER_EPOCH = 4
 
 
-def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: int
-                  ) -> tuple[dict[str, Any], list[str]]:
+def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: int,
+                  log_interval: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """The recipe's defaults for ``algo`` (the papers'), and notes on those adapted to the run.
 
     - ssgd-noise: ``noise_std = 0.01``, the DPSGD paper's best-converging SSGD* (Section 4.3);
     - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against;
     - adpsgd: warm-up of one epoch and ``sample_steps`` a quarter of the run (ADPSGD, Section III);
+    - dpsgd: the consensus distance measured at every train log (``log_every``; one extra
+      all-reduce then) so that TensorBoard shows how far the gossiping replicas drift apart;
     - easgd: ``steps_per_epoch`` = this run's B (the scoping of Parle eq. 9);
     - entropysgd/parle: ``L = 25``, ``alpha = 0.75`` (Parle, Section 3), ``steps_per_epoch`` = B;
       ``L`` becomes 5 on small data sets (< 4 outer steps per epoch at L = 25).
@@ -241,6 +250,8 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
             d["warmup_steps"] = max(1, total_steps // 10)
             notes.append(f"warmup_steps {B} (one epoch) -> {d['warmup_steps']}: the run has only "
                          f"{total_steps} steps, one epoch of SSGD would be half of it")
+    elif algo == "dpsgd":
+        d = {"topology": "random-pair", "log_every": log_interval or max(1, B // 10)}
     elif algo == "easgd":
         d = {"rho": 1.0, "steps_per_epoch": B}
     elif algo in ("entropysgd", "parle"):
@@ -262,7 +273,8 @@ def resolve_hparams(args: argparse.Namespace, *, steps_per_epoch: int, total_ste
     """(hparams passed to commhooks.build, every field's effective value, notes)."""
     cls = commhooks.config_class(args.algo)
     defaults, notes = algo_defaults(args.algo, steps_per_epoch=steps_per_epoch,
-                                    total_steps=total_steps, seed=args.seed)
+                                    total_steps=total_steps, seed=args.seed,
+                                    log_interval=args.log_interval)
     passed: dict[str, Any] = {}
     effective: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
