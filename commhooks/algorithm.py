@@ -197,11 +197,13 @@ class Algorithm:
             raise ValueError("state_dict: component list does not match this algorithm")
         check_same_across_ranks({"step": state["step"]}, device=self.ctx.weights.device)
         self.k = int(state["step"])
+        for c, s in zip(self.components, state["components"]):
+            c.load_state_dict(s)
+        self._prepare()
+        # Last: what _prepare() just restarted (a reference prefetch) was already counted
+        # before the save, so the restored figures continue exactly.
         meter = state["meter"]
         self.ctx.meter.comm_bytes = int(meter["comm_bytes"])
         self.ctx.meter.syncs = int(meter["syncs"])
         self.ctx.meter.comm_seconds = float(meter["comm_seconds"])
         self.ctx.meter.consensus_distance = float(meter["consensus_distance"])
-        for c, s in zip(self.components, state["components"]):
-            c.load_state_dict(s)
-        self._prepare()

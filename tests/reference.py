@@ -8,6 +8,7 @@ random streams, ``step_seed``). ``train`` runs the same problem on real gloo ran
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -36,6 +37,19 @@ def loss_of(model: nn.Module, rank: int, k: int) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
 
 
+def make_ddp(model: nn.Module) -> DDP:
+    """DDP without forward buffer broadcast and without bucket rebuilding.
+
+    DDP rebuilds its buckets after a process's first iteration, which moves gradients inside the
+    bucket and changes gloo's summation order on more than two ranks: a resumed process would
+    differ from an uninterrupted one by an ulp. ``find_unused_parameters=True`` keeps the
+    initial buckets (the reducer only rebuilds without it).
+    """
+    import inspect
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, find_unused_parameters=True, **{sync: False})
+
+
 def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
@@ -49,7 +63,7 @@ def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: 
     rank r reads rank ``r + data_offset``'s data.
     """
     model = make_model()
-    ddp = DDP(model, broadcast_buffers=False)
+    ddp = make_ddp(model)
     optimizer = torch.optim.SGD(ddp.parameters(), **opt)
     start = 0
     if state is not None:
@@ -68,7 +82,8 @@ def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: 
         peers.append([list(c._peers) for c in algo.components if hasattr(c, "_peers")])
         if save_at is not None and k + 1 == save_at:
             saved = {"model": {n: t.clone() for n, t in model.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(), "step": k + 1}
+                     "optimizer": copy.deepcopy(optimizer.state_dict()),
+                     "algorithm": copy.deepcopy(algo.state_dict()), "step": k + 1}
     return {"params": flat(model.parameters()), "stats": algo.stats(), "periods": periods,
             "peers": peers, "saved": saved}
 

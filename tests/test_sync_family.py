@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference import OPT, assert_matches, make_model, simulate, train, loss_of, flat
+from reference import OPT, assert_matches, flat, loss_of, make_ddp, make_model, simulate, train
 from spawn import run_ranks
 
 STEPS = 12
@@ -26,9 +26,8 @@ def test_matches_simulation(name, replica_size):
 
 
 def _plain_ddp(rank, world, steps):
-    from torch.nn.parallel import DistributedDataParallel as DDP
     model = make_model()
-    ddp = DDP(model)
+    ddp = make_ddp(model)  # plain DDP: no hook
     opt = torch.optim.SGD(ddp.parameters(), **OPT)
     for k in range(steps):
         opt.zero_grad()
