@@ -73,6 +73,8 @@ def _install_error_recorder() -> None:
     The agent then shows the failing rank's real exception in its summary instead of just an exit
     code. Scripts that already decorate their main with `record` get the same file twice; harmless.
     """
+    if getattr(sys.excepthook, "_launch_recorder", False):
+        return  # already installed by an earlier init_distributed in this process
     handler = get_error_handler()
     handler.initialize()  # faulthandler: tracebacks of all threads on a fatal signal
     previous = sys.excepthook
@@ -88,6 +90,7 @@ def _install_error_recorder() -> None:
             exc.__traceback__ = tb  # show the user's traceback, without this hook's frame
         previous(kind, exc, tb)
 
+    hook._launch_recorder = True  # type: ignore[attr-defined]
     sys.excepthook = hook
 
 

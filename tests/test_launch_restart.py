@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,20 @@ def launch(
         "--ckpt-dir", str(tmp / name / "ckpt"), "--out", str(tmp / name / "out"),
         "--steps", str(STEPS), "--ckpt-every", str(EVERY), *worker_args,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    proc.log = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    # A session of its own: on a timeout the launcher *and* its workers are killed, no orphans.
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as child:
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, _ = child.communicate()
+            pytest.fail(f"launcher timed out after {timeout} s:\n{out[-4000:]}")
+        except BaseException:  # e.g. pytest-timeout's interrupt: do not leave workers behind
+            os.killpg(child.pid, signal.SIGKILL)
+            raise
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, "")
+    proc.log = out  # type: ignore[attr-defined]
     return proc
 
 
