@@ -42,7 +42,7 @@ def synchronize_weights(ctx: Context, scratch: list[torch.Tensor]) -> float:
 
     One in-place collective per flat group (plus a max for integer buffers), and one scalar
     all-reduce for ``S`` (ALGORITHMS.md, ADPSGD step 2). ``S`` is over parameters only; the local
-    parameters are kept in ``scratch`` (one device copy) to measure it after the in-place mean.
+    parameters are kept in ``scratch`` (one device copy) and turned into ``x_a - x̄`` in place.
     """
     weights, topo, meter = ctx.weights, ctx.topo, ctx.meter
     with torch.no_grad():
@@ -50,15 +50,21 @@ def synchronize_weights(ctx: Context, scratch: list[torch.Tensor]) -> float:
             keep.copy_(seg)
         replica_mean_(weights.comm_segments(), topo, meter)
         replica_max_(weights.max_segments(), topo, meter)
+        for keep, seg in zip(scratch, weights.param_segments()):
+            keep.sub_(seg)
     meter.syncs += 1
-    return record_distance(ctx, weights.param_segments(), scratch)
+    return record_distance(ctx, squared_norm(scratch))
 
 
-def record_distance(ctx: Context, mean: list[torch.Tensor], local: list[torch.Tensor]) -> float:
-    """``mean_a ||mean - local_a||^2`` (one scalar all-reduce), stored as the consensus distance."""
+def squared_norm(tensors: list[torch.Tensor]) -> float:
+    """``sum ||t||^2`` over flat tensors, without temporaries."""
     with torch.no_grad():
-        mine = sum(float(torch.sum((m - x) ** 2)) for m, x in zip(mean, local))
-    distance = replica_mean_scalar(mine, ctx.topo, ctx.meter, ctx.weights.device)
+        return sum(float(torch.dot(t, t)) for t in tensors)
+
+
+def record_distance(ctx: Context, local_squared: float) -> float:
+    """Store ``mean_a ||x̄ - x_a||^2`` (one scalar all-reduce of this rank's ``||x̄ - x_a||^2``)."""
+    distance = replica_mean_scalar(local_squared, ctx.topo, ctx.meter, ctx.weights.device)
     ctx.meter.consensus_distance = distance
     return distance
 

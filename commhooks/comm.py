@@ -134,8 +134,9 @@ class PendingMean:
     def wait(self) -> list[torch.Tensor]:
         if self._works is not None:
             self._meter.wait(self._works)
-            for t in self.tensors:
-                t.div_(self._divisor)
+            if self._divisor != 1:
+                for t in self.tensors:
+                    t.div_(self._divisor)
             self._works = None
         return self.tensors
 
@@ -150,8 +151,11 @@ def start_replica_mean(
     if topo.num_replicas == 1:
         return PendingMean(tensors, None, 1, meter)
     meter.count(tensors)
-    works = [dist.all_reduce(t, op=ReduceOp.SUM, group=group, async_op=True) for t in tensors]
-    return PendingMean(tensors, works, topo.world_size, meter)
+    # NCCL averages inside the collective; gloo has no AVG, so we divide after the sum.
+    native_avg = dist.get_backend(group) == "nccl"
+    op = ReduceOp.AVG if native_avg else ReduceOp.SUM
+    works = [dist.all_reduce(t, op=op, group=group, async_op=True) for t in tensors]
+    return PendingMean(tensors, works, 1 if native_avg else topo.world_size, meter)
 
 
 def replica_mean_(tensors: list[torch.Tensor], topo: Topology, meter: CommMeter) -> None:

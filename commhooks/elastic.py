@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .algorithm import Component, Context
-from .averaging import record_distance
+from .averaging import record_distance, squared_norm
 from .comm import PendingMean, replica_max_, replica_mean_, start_replica_mean
 
 
@@ -114,14 +114,15 @@ class ElasticPull(Component):
             self.reference.start(self.ctx.weights.param_segments())
 
     def before_optimizer(self, k: int) -> None:
-        params = self.ctx.weights.param_segments()
         ref = self.reference.get()
+        with torch.no_grad():
+            deltas = [x - r for x, r in zip(self.ctx.weights.param_segments(), ref)]
         if k % self.period == 0:
             self.ctx.meter.syncs += 1
-            record_distance(self.ctx, ref, params)
+            record_distance(self.ctx, squared_norm(deltas))
             average_buffers(self.ctx)
         with torch.no_grad():
-            add_to_grads(self.ctx, [x - r for x, r in zip(params, ref)], self.coefficient(k))
+            add_to_grads(self.ctx, deltas, self.coefficient(k))
 
     def stats(self) -> dict[str, float]:
         return {"rho": self.coefficient(self.k)}

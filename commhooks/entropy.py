@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .algorithm import Component, Context
-from .averaging import record_distance
+from .averaging import record_distance, squared_norm
 from .elastic import ReferenceAverage, add_to_grads, average_buffers, scoped
 
 
@@ -80,12 +80,14 @@ class ProximalInnerLoop(Component):
         _, rho = self.coefficients(k)
         lr, mu = self.ctx.lr, self.ctx.momentum
         ref = self.reference.get()
+        with torch.no_grad():
+            pulls = [x - r for x, r in zip(self.anchor, ref)]
         if self.ctx.topo.num_replicas > 1:
             self.ctx.meter.syncs += 1
-            record_distance(self.ctx, ref, self.anchor)
+            record_distance(self.ctx, squared_norm(pulls))
         with torch.no_grad():
-            for x, z, v, r, y in zip(self.anchor, self.average, self.velocity, ref, self.ctx.weights.param_segments()):
-                d = (x - z).add_(x - r, alpha=rho)
+            for x, z, v, pull, y in zip(self.anchor, self.average, self.velocity, pulls, self.ctx.weights.param_segments()):
+                d = (x - z).add_(pull, alpha=rho)
                 v.mul_(mu).add_(d)
                 x.sub_(d.add_(v, alpha=mu), alpha=lr)
                 y.copy_(x)

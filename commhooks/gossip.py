@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .algorithm import Component, Context
-from .averaging import record_distance
+from .averaging import record_distance, squared_norm
 from .comm import PendingMean, replica_mean_, start_replica_mean
 from .noise import step_generator
 
@@ -117,7 +117,10 @@ class GossipMixing(Component):
             params = self.ctx.weights.param_segments()
             mean = [p.detach().clone() for p in params]
             replica_mean_(mean, self.ctx.topo, self.ctx.meter)
-            record_distance(self.ctx, mean, params)
+            with torch.no_grad():
+                for m, p in zip(mean, params):
+                    m.sub_(p)
+            record_distance(self.ctx, squared_norm(mean))
 
     def state_dict(self) -> dict[str, Any]:
         # The matching is a function of (seed, step): the step counter is the RNG position.

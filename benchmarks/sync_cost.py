@@ -1,0 +1,106 @@
+"""What a weight synchronisation costs, side by side in one run (DESIGN.md, "Performance aims").
+
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.sync_cost --model resnet18
+
+Compares, on the same bytes: a raw all-reduce of one flat tensor; commhooks' CPSGD sync (the
+parameters live in a flat buffer: one in-place all-reduce, plus ADPSGD's scalar distance and one
+device copy); commhooks' bare mean (no distance); PyTorch's ``PeriodicModelAverager``. Then the
+SSGD hook against plain DDP on a full training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commhooks
+from commhooks.averaging import synchronize_weights
+from commhooks.comm import replica_mean_
+
+from .common import init, say, timed
+
+
+def make_model(name: str) -> torch.nn.Module:
+    if name == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10)
+    return torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return {key: False}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18", choices=["resnet18", "mlp"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    rank, world = init()
+
+    model = make_model(args.model)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    say(f"model {args.model}: {nbytes / 1e6:.1f} MB of parameters, {world} gloo ranks, median of {args.repeats}")
+
+    raw = torch.randn(nbytes // 4)
+    t_raw = timed(lambda: dist.all_reduce(raw), args.repeats)
+
+    torch_model = make_model(args.model)
+    for p in torch_model.parameters():  # it skips parameters without a gradient
+        p.grad = torch.zeros_like(p)
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    t_torch = timed(lambda: average_parameters(iter(torch_model.parameters()), None), args.repeats)
+
+    ddp = DDP(make_model(args.model), **no_buffer_sync())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    algo = commhooks.build("cpsgd", ddp, opt, period=1, buffers="local")
+    ctx = algo.ctx
+    scratch = [torch.empty_like(s) for s in ctx.weights.param_segments()]
+    t_sync = timed(lambda: synchronize_weights(ctx, scratch), args.repeats)
+    t_mean = timed(lambda: replica_mean_(ctx.weights.comm_segments(), ctx.topo, ctx.meter), args.repeats)
+
+    say(f"{'what':<46}{'seconds':>10}{'x raw':>8}")
+    for label, t in [
+        ("raw all-reduce of one flat tensor", t_raw),
+        ("commhooks mean (flat, in place)", t_mean),
+        ("commhooks CPSGD/ADPSGD sync (+copy, +distance)", t_sync),
+        ("torch PeriodicModelAverager (average_parameters)", t_torch),
+    ]:
+        say(f"{label:<46}{t:>10.4f}{t / t_raw:>8.2f}")
+
+    # SSGD through our hook against plain DDP, a whole training step each.
+    x = torch.randn(args.batch, 3, 32, 32) if args.model == "resnet18" else torch.randn(args.batch, 1024)
+
+    def step_fn(model: DDP, step: callable) -> callable:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            model(x).float().pow(2).mean().backward()
+            step()
+        return run
+
+    plain = DDP(make_model(args.model), **no_buffer_sync())
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
+    ours = DDP(make_model(args.model), **no_buffer_sync())
+    ours_opt = torch.optim.SGD(ours.parameters(), lr=0.01)
+    ssgd = commhooks.build("ssgd", ours, ours_opt)
+    # Interleave the two so that drifts of the machine hit both alike.
+    t_plain, t_ours = [], []
+    for _ in range(3):
+        t_plain.append(timed(step_fn(plain, plain_opt.step), max(3, args.repeats // 3)))
+        t_ours.append(timed(step_fn(ours, ssgd.step), max(3, args.repeats // 3)))
+    tp, to = min(t_plain), min(t_ours)
+    say(f"{'plain DDP step':<46}{tp:>10.4f}")
+    say(f"{'commhooks ssgd step':<46}{to:>10.4f}{to / tp:>8.3f} x plain DDP")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
