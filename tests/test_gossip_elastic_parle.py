@@ -92,3 +92,16 @@ def test_random_pair_matchings_agree_and_odd_world_finishes(world):
                 assert peers[b] == [a], f"step {k}: rank {a} pairs with {b}, who pairs with {peers[b]}"
         sitting_out = [a for a, mine in enumerate(peers) if not mine]
         assert len(sitting_out) == world % 2
+
+
+@pytest.mark.timeout(60)
+def test_gossip_consensus_distance_when_asked():
+    hp = {"topology": "ring", "log_every": 4}
+    results = run_ranks(train, 4, "dpsgd", hp, STEPS, 1)
+    sim, _ = simulate("dpsgd", hp, 4, 1, STEPS)
+    mean = sum(sim.flat_params(a) for a in range(4)) / 4
+    expected = sum(float(((mean - sim.flat_params(a)) ** 2).sum()) for a in range(4)) / 4
+    assert expected > 0
+    assert abs(results[0]["stats"]["consensus_distance"] - expected) < 1e-12
+    quiet = run_ranks(train, 4, "dpsgd", {"topology": "ring"}, 4, 1)
+    assert quiet[0]["stats"]["consensus_distance"] == 0.0  # never measured unless asked
