@@ -97,7 +97,7 @@ def _set_worker_environment() -> None:
     """Set environment variables the agent and its workers need; the user's values win."""
     # Since torch 2.4 the c10d rendezvous shares its TCP store with the workers. After a restart a
     # gloo rank often reads the previous attempt's address from that store and fails with
-    # "Gloo connectFullMesh failed ... Connection refused", wasting the restart. Measured on one
+    # "Gloo connectFullMesh failed" (refused or timed out), wasting the restart. Measured on one
     # machine with two network-namespace nodes, one worker SIGKILLed per run: without this, 3 of
     # 7 runs wasted restarts and one of them spent all 3 and failed; with it, 7 of 7 needed just
     # the one restart (earlier: 4 of 6 failed vs 8 of 8 passed). With it every attempt gets a
