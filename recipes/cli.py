@@ -173,6 +173,8 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                    help="ranks per replica; default 1 (entropysgd: the world size, one replica)")
     t.add_argument("--seed", type=int, default=0, help="also the algorithms' own seed (0)")
     t.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for forward/backward (default: on with CUDA, off on CPU)")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
 
     o = p.add_argument_group("output")

@@ -69,8 +69,9 @@ class Meter:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         n = y.numel()
+        # new_full is a fill kernel; torch.tensor(n, device=cuda) would be a synchronizing copy
         row = torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                           torch.tensor(float(n), dtype=torch.float64, device=y.device)])
+                           y.new_full((), n, dtype=torch.float64)])
         self.sums = row if self.sums is None else self.sums + row
 
     def merge(self, other: "Meter") -> None:
@@ -87,7 +88,8 @@ class Meter:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int, bf16: bool = False
+             ) -> tuple[float, float]:
     """Loss and accuracy of ``model`` on the validation set; each rank takes a 1/W share.
 
     Called inside ``algo.consensus()``: every rank then holds the same (averaged) weights, so
@@ -97,10 +99,16 @@ def evaluate(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int) -> t
     model.eval()
     m = Meter()
     for x, y in val_batches(data, rt.rank, rt.world_size, batch_size):
-        logits = model(x)
-        m.add(F.cross_entropy(logits, y), logits, y)
+        with _autocast(rt, bf16):
+            logits = model(x)
+        m.add(F.cross_entropy(logits.float(), y), logits, y)
     model.train(was_training)
     return m.reduce(rt.device)
+
+
+def _autocast(rt: Runtime, bf16: bool):
+    """bf16 autocast (weights, gradients and all communication stay float32)."""
+    return torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _set_threads(rt: Runtime) -> None:
@@ -156,6 +164,9 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, Any] | 
 
 def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any] | None:
     _set_threads(rt)
+    bf16 = args.bf16 if args.bf16 is not None else rt.device.type == "cuda"
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     say = (lambda *a: print(*a, flush=True)) if rt.is_main else (lambda *a: None)
     t_start = time.perf_counter()
 
@@ -211,7 +222,8 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         f"parameters) on {rt.device}, {rt.world_size} ranks = {n_replicas} replicas x "
         f"{replica_size}, data policy {args.data_policy}, {B} steps per epoch, {total_steps} steps")
     say(f"optimizer SGD lr {args.lr} momentum {args.momentum} nesterov {args.nesterov} "
-        f"weight decay {args.weight_decay}; lr x{args.lr_decay} at epochs {args.lr_milestones}")
+        f"weight decay {args.weight_decay}; lr x{args.lr_decay} at epochs {args.lr_milestones}; "
+        f"batch {args.batch_size} per rank; bf16 autocast {'on' if bf16 else 'off'}")
     say(f"{args.algo} hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in effective.items()))
     for n in notes:
         say(f"{args.algo}: adapted default: {n}")
@@ -237,8 +249,9 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
             lr = lr_at(step, **lr_kw)
             for group in opt.param_groups:
                 group["lr"] = lr
-            logits = ddp(x)
-            loss = F.cross_entropy(logits, y)
+            with _autocast(rt, bf16):
+                logits = ddp(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             algo.step()
@@ -271,7 +284,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
             train_loss, train_acc = epoch_meter.reduce(rt.device)
             epoch_meter = Meter()
             with algo.consensus():
-                val_loss, val_acc = evaluate(ddp.module, data, rt, max(256, args.batch_size))
+                val_loss, val_acc = evaluate(ddp.module, data, rt, max(256, args.batch_size), bf16)
             stats = algo.stats()
             report.scalars(step, {"val/loss": val_loss, "val/acc": val_acc})
             report.stats(step, args.algo, stats)
@@ -294,7 +307,8 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         "hparams": effective, "adapted": notes,
         "training": {"batch_size": args.batch_size, "lr": args.lr, "lr_milestones": args.lr_milestones,
                      "lr_decay": args.lr_decay, "momentum": args.momentum, "nesterov": args.nesterov,
-                     "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width},
+                     "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width,
+                     "bf16": bf16},
     }
     report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": replica_size,
                     **results["training"], **{f"{args.algo}.{k}": v for k, v in effective.items()}},
