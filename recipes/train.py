@@ -235,6 +235,17 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
     log_every = args.log_interval or max(1, B // 10)
     lr_kw = dict(base=args.lr, milestones=args.lr_milestones, decay=args.lr_decay, steps_per_epoch=B)
 
+    def _validate(prefix: str) -> tuple[float, float]:
+        """Evaluate the consensus model (collective), log it, print one line on rank 0."""
+        with algo.consensus():
+            vl, va = evaluate(ddp.module, data, rt, max(256, args.batch_size), bf16)
+        stats = algo.stats()
+        report.scalars(step, {"val/loss": vl, "val/acc": va})
+        report.stats(step, args.algo, stats)
+        report.line(f"{prefix}val loss {vl:.4f} acc {va:.4f} | syncs {int(stats.get('syncs', 0))} "
+                    f"comm {stats.get('comm_bytes', 0) / 1e6:.1f} MB")
+        return vl, va
+
     # -- the loop ----------------------------------------------------------------------------
     window, epoch_meter = Meter(), Meter()
     val_loss = val_acc = train_loss = train_acc = math.nan
@@ -283,14 +294,14 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
             window = Meter()
             train_loss, train_acc = epoch_meter.reduce(rt.device)
             epoch_meter = Meter()
-            with algo.consensus():
-                val_loss, val_acc = evaluate(ddp.module, data, rt, max(256, args.batch_size), bf16)
-            stats = algo.stats()
-            report.scalars(step, {"val/loss": val_loss, "val/acc": val_acc})
-            report.stats(step, args.algo, stats)
-            report.line(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss {train_loss:.4f} "
-                        f"acc {train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-                        f"syncs {int(stats.get('syncs', 0))} comm {stats.get('comm_bytes', 0) / 1e6:.1f} MB")
+            val_loss, val_acc = _validate(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss "
+                                          f"{train_loss:.4f} acc {train_acc:.4f} | ")
+    if math.isnan(val_acc):  # resumed at the end, or nothing trained: still report the model
+        val_loss, val_acc = _validate(f"step {step}: ")
+    if ckpt and args.checkpoint_every and step % args.checkpoint_every and steps_this_run:
+        # the end is a checkpoint too: a rerun of the same command finds the run complete
+        ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader,
+                  extra={"epoch": loader.epoch, "wall": time.perf_counter() - t_start})
 
     wall = time.perf_counter() - t_start
     train_wall = time.perf_counter() - t_train

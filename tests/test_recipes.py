@@ -7,7 +7,6 @@ test writes in torchvision's on-disk format.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
