@@ -260,7 +260,7 @@ def test_cifar_reads_torchvision_folder_and_resumes(tmp_path, capsys):
     assert first["steps"] == 7
     capsys.readouterr()
     second = main(CIFAR, base + ck + ["--results", str(tmp_path / "b.json")])
-    assert "resumed at step 6" in capsys.readouterr().out
+    assert "resumed at step 7" in capsys.readouterr().out  # the end of a run is saved too
     assert straight["steps"] == second["steps"] == 10
     assert straight["val_loss"] == second["val_loss"]  # bit-identical continuation
     assert json.loads((tmp_path / "b.json").read_text())["val_loss"] == second["val_loss"]
