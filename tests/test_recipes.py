@@ -237,11 +237,12 @@ def test_digits_reaches_90_percent(algo, tmp_path):
 def test_cifar_synthetic_smoke_with_torchrun(tmp_path):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     r = _run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "recipes.cifar", "--dataset",
-              "synthetic", "--algo", "dpsgd", "--max-steps", "6", "--logdir", str(tmp_path / "tb"),
+              "synthetic", "--algo", "dpsgd", "--logdir", str(tmp_path / "tb"),
               "--results", str(tmp_path / "r.json")], timeout=110)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["steps"] == 6 and res["world_size"] == 2 and res["algo"] == "dpsgd"
+    assert res["world_size"] == 2 and res["algo"] == "dpsgd" and res["steps"] == 2 * 32
+    assert res["val_acc"] > 0.5  # noisy class templates: learnable in two short epochs
 
 
 @pytest.mark.timeout(120)
