@@ -151,8 +151,9 @@ def start_replica_mean(
     if topo.num_replicas == 1:
         return PendingMean(tensors, None, 1, meter)
     meter.count(tensors)
-    # NCCL averages inside the collective; gloo has no AVG, so we divide after the sum.
-    native_avg = dist.get_backend(group) == "nccl"
+    # NCCL averages inside the collective; gloo has no AVG, so we divide after the sum. A mixed
+    # "cpu:gloo,cuda:nccl" group sends CUDA tensors to NCCL.
+    native_avg = all(t.is_cuda for t in tensors) and "nccl" in str(dist.get_backend(group))
     op = ReduceOp.AVG if native_avg else ReduceOp.SUM
     works = [dist.all_reduce(t, op=op, group=group, async_op=True) for t in tensors]
     return PendingMean(tensors, works, 1 if native_avg else topo.world_size, meter)
