@@ -45,6 +45,8 @@ def synchronize_weights(ctx: Context, scratch: list[torch.Tensor]) -> float:
     parameters are kept in ``scratch`` (one device copy) and turned into ``x_a - x̄`` in place.
     """
     weights, topo, meter = ctx.weights, ctx.topo, ctx.meter
+    if topo.num_replicas == 1:  # one replica is its own average: nothing to do or count
+        return 0.0
     with torch.no_grad():
         for keep, seg in zip(scratch, weights.param_segments()):
             keep.copy_(seg)

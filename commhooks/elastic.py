@@ -117,7 +117,7 @@ class ElasticPull(Component):
         ref = self.reference.get()
         with torch.no_grad():
             deltas = [x - r for x, r in zip(self.ctx.weights.param_segments(), ref)]
-        if k % self.period == 0:
+        if k % self.period == 0 and self.ctx.topo.num_replicas > 1:
             self.ctx.meter.syncs += 1
             record_distance(self.ctx, squared_norm(deltas))
             average_buffers(self.ctx)

@@ -142,9 +142,6 @@ class FlatWeights:
         """Integer buffers that take the maximum over replicas (none under ``buffers="local"``)."""
         return self.int_flats if self.buffers_policy == "average" else []
 
-    def grads(self, group: FlatGroup) -> list[torch.Tensor | None]:
-        return [p.grad for p in group.params]
-
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of every flat tensor (floating then integer), for a later :meth:`restore`."""
         return [g.flat.clone() for g in self.groups] + [f.clone() for f in self.int_flats]
@@ -153,7 +150,3 @@ class FlatWeights:
         with torch.no_grad():
             for dst, src in zip([g.flat for g in self.groups] + self.int_flats, snapshot):
                 dst.copy_(src)
-
-    def layout(self) -> list[tuple[str, int, int]]:
-        """(dtype, parameter numel, communicated numel) per group: ranks must agree on it."""
-        return [(str(g.flat.dtype), g.param_numel, g.comm_numel) for g in self.groups]
