@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import commhooks
 
 from .common import init, say, timed
-from .sync_cost import make_model, no_buffer_sync
+from .sync_cost import make_model
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32) if args.model == "resnet18" else torch.randn(args.batch, 1024)
 
     def setup(name: str, **hp: object):
-        ddp = DDP(make_model(args.model), **no_buffer_sync())
+        ddp = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
         algo = commhooks.build(name, ddp, opt, **hp)
 

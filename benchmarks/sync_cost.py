@@ -11,7 +11,6 @@ SSGD hook against plain DDP on a full training step.
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import torch
 import torch.distributed as dist
@@ -30,11 +29,6 @@ def make_model(name: str) -> torch.nn.Module:
 
         return torchvision.models.resnet18(num_classes=10)
     return torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
-
-
-def no_buffer_sync() -> dict[str, bool]:
-    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-    return {key: False}
 
 
 def main() -> None:
@@ -59,7 +53,7 @@ def main() -> None:
 
     t_torch = timed(lambda: average_parameters(iter(torch_model.parameters()), None), args.repeats)
 
-    ddp = DDP(make_model(args.model), **no_buffer_sync())
+    ddp = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
     algo = commhooks.build("cpsgd", ddp, opt, period=1, buffers="local")
     ctx = algo.ctx
@@ -88,12 +82,12 @@ def main() -> None:
 
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    plain = DDP(make_model(args.model), **no_buffer_sync())
+    plain = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
-    torch_hooked = DDP(make_model(args.model), **no_buffer_sync())
+    torch_hooked = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
     torch_hooked.register_comm_hook(None, allreduce_hook)
     torch_opt = torch.optim.SGD(torch_hooked.parameters(), lr=0.01)
-    ours = DDP(make_model(args.model), **no_buffer_sync())
+    ours = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
     ours_opt = torch.optim.SGD(ours.parameters(), lr=0.01)
     ssgd = commhooks.build("ssgd", ours, ours_opt)
     runs = {

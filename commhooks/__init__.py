@@ -9,7 +9,7 @@ The algorithms and their exact update rules are those of ALGORITHMS.md; the buil
 
 from .algorithm import Algorithm, Component, Context
 from .averaging import AdaptivePeriod, ConstantPeriod, GradientScope, PeriodicAveraging, synchronize_weights
-from .build import build
+from .build import SYNCHRONOUS, build, ddp_buffer_sync_kwargs, resolve_replica_size
 from .comm import CommMeter, Topology, make_topology, replica_max_, replica_mean_, start_replica_mean
 from .config import ALGORITHMS, config_class
 from .consistency import check_same_across_ranks
@@ -21,10 +21,10 @@ from .grad_hooks import GradSyncState, allreduce_hook, compress_wrapper
 from .noise import IsotropicNoise, step_seed
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
+    "ALGORITHMS", "SYNCHRONOUS", "Algorithm", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
     "ElasticPull", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
     "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "Topology", "allreduce_hook", "build",
-    "check_same_across_ranks", "compress_wrapper", "config_class", "gossip_peers", "make_topology",
-    "random_matching", "replica_max_", "replica_mean_", "scoped", "start_replica_mean", "step_seed",
+    "check_same_across_ranks", "compress_wrapper", "config_class", "ddp_buffer_sync_kwargs", "gossip_peers", "make_topology",
+    "random_matching", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean", "step_seed",
     "synchronize_weights",
 ]

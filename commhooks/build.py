@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import asdict
@@ -23,7 +24,37 @@ from .grad_hooks import GradSyncState, make_grad_hook
 from .noise import IsotropicNoise
 
 # Algorithms whose rule keeps every replica identical: buffers broadcast by DDP are harmless.
-_SYNCHRONOUS = ("ssgd", "ssgd-noise")
+SYNCHRONOUS: tuple[str, ...] = ("ssgd", "ssgd-noise")
+
+
+def ddp_buffer_sync_kwargs(enabled: bool) -> dict[str, bool]:
+    """DDP's keyword for broadcasting rank 0's buffers at every forward, for this torch.
+
+    ``broadcast_buffers`` was renamed ``forward_sync_buffers`` in torch 2.15. Pass
+    ``enabled=False`` for every algorithm that keeps replicas apart (not in ``SYNCHRONOUS``).
+    """
+    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return {key: enabled}
+
+
+def resolve_replica_size(name: str, replica_size: int | None, world_size: int) -> int:
+    """The ranks per replica: ``None`` means 1, or the world size for ``entropysgd`` (one replica).
+
+    Raises ``ValueError`` naming ``replica_size`` if it is not a positive divisor of the world
+    size, or not the world size for ``entropysgd``.
+    """
+    if replica_size is None:
+        replica_size = world_size if name == "entropysgd" else 1
+    if name == "entropysgd" and replica_size != world_size:
+        raise ValueError(
+            f"replica_size must equal the world size ({world_size}) for 'entropysgd' (one replica), "
+            f"got {replica_size}; use 'parle' for several replicas"
+        )
+    if not isinstance(replica_size, int) or isinstance(replica_size, bool) or replica_size < 1:
+        raise ValueError(f"replica_size must be a positive integer, got {replica_size!r}")
+    if world_size % replica_size != 0:
+        raise ValueError(f"replica_size={replica_size} must divide the world size {world_size}")
+    return replica_size
 
 
 def _check_model_and_optimizer(model: object, optimizer: object) -> None:
@@ -55,7 +86,7 @@ def _model_layout(model: DistributedDataParallel) -> list[tuple[str, str, tuple[
 
 def _components(name: str, cfg: CommonConfig, ctx: Context) -> list[Component]:
     h = asdict(cfg)
-    if name in _SYNCHRONOUS:
+    if name in SYNCHRONOUS:
         comps: list[Component] = [GradientScope(ctx, global_until=math.inf)]
         if name == "ssgd-noise":
             comps.append(IsotropicNoise(ctx, h["noise_std"], h["seed"]))
@@ -117,21 +148,11 @@ def build(
     _check_model_and_optimizer(model, optimizer)
     cfg = make_config(name, hparams)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if replica_size is None:
-        replica_size = world if name == "entropysgd" else 1
-    if name == "entropysgd" and replica_size != world:
-        raise ValueError(
-            f"replica_size must equal the world size ({world}) for 'entropysgd' (one replica), "
-            f"got {replica_size}; use 'parle' for several replicas"
-        )
-    if not isinstance(replica_size, int) or isinstance(replica_size, bool) or replica_size < 1:
-        raise ValueError(f"replica_size must be a positive integer, got {replica_size!r}")
-    if world % replica_size != 0:
-        raise ValueError(f"replica_size={replica_size} must divide the world size {world}")
+    replica_size = resolve_replica_size(name, replica_size, world)
     cfg.validate(world, replica_size)
     if name == "cpsgd" and cfg.period == 1:  # type: ignore[attr-defined]
         warnings.warn("cpsgd with period=1 is SSGD computed at higher cost: use 'ssgd'", stacklevel=2)
-    if name not in _SYNCHRONOUS and world // replica_size > 1 and _syncs_buffers_in_forward(model):
+    if name not in SYNCHRONOUS and world // replica_size > 1 and _syncs_buffers_in_forward(model):
         warnings.warn(
             f"{name}: the DDP model broadcasts rank 0's buffers at every forward, which replaces "
             "each replica's own BatchNorm statistics; construct DDP with broadcast_buffers=False "
@@ -159,5 +180,5 @@ def build(
         ctx=ctx,
         components=components,
         hparams={"replica_size": replica_size, **asdict(cfg)},
-        replicas_identical=name in _SYNCHRONOUS,
+        replicas_identical=name in SYNCHRONOUS,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import inspect
 import math
 import os
 import sys
@@ -34,9 +33,6 @@ from recipes.report import Reporter
 
 EXIT_USAGE = 2  # bad configuration or missing data: not worth an elastic restart
 
-# Algorithms whose replicas always hold identical weights: DDP may keep buffers in sync itself.
-_SYNCHRONOUS = ("ssgd", "ssgd-noise")
-
 
 def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
     """DDP with forward buffer sync only for synchronous algorithms.
@@ -44,9 +40,7 @@ def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
     Otherwise rank 0's BatchNorm statistics would overwrite every replica's at each forward
     (PITFALLS.md). torch 2.15 renames ``broadcast_buffers`` to ``forward_sync_buffers``.
     """
-    params = inspect.signature(DDP.__init__).parameters
-    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    kwargs: dict[str, Any] = {key: sync_buffers}
+    kwargs: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(sync_buffers)
     if rt.device.type == "cuda":
         kwargs["device_ids"] = [rt.device.index]
     return DDP(model, **kwargs)
@@ -172,12 +166,11 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
 
     # -- data --------------------------------------------------------------------------------
     data = _load_data(recipe, args, rt).to(rt.device)
-    replica_size = args.replica_size
-    if replica_size is None:
-        # Entropy-SGD is Parle with a single replica (ALGORITHMS.md): every rank in it
-        replica_size = rt.world_size if args.algo == "entropysgd" else 1
-    if replica_size < 1 or rt.world_size % replica_size:
-        _fail(rt, f"--replica-size {replica_size} must divide the world size {rt.world_size}")
+    # Needed before build (the data policy depends on it): the library's own rule and errors.
+    try:
+        replica_size = commhooks.resolve_replica_size(args.algo, args.replica_size, rt.world_size)
+    except ValueError as e:
+        _fail(rt, f"--replica-size: {e}")
     try:
         loader = TensorLoader(data, batch_size=args.batch_size, rank=rt.rank,
                               world_size=rt.world_size, replica_size=replica_size,
@@ -193,7 +186,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
     # -- model, DDP, optimizer, algorithm ----------------------------------------------------
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP checks too)
     model = build_model(args.model, data.in_channels, data.num_classes, args.width).to(rt.device)
-    ddp = wrap_ddp(model, rt, sync_buffers=args.algo in _SYNCHRONOUS)
+    ddp = wrap_ddp(model, rt, sync_buffers=args.algo in commhooks.SYNCHRONOUS)
     ckpt = Checkpointer(args.checkpoint_dir, rt, keep=2) if args.checkpoint_dir else None
     resume = ckpt.latest() if ckpt else None
     if resume:

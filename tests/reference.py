@@ -45,9 +45,7 @@ def make_ddp(model: nn.Module) -> DDP:
     differ from an uninterrupted one by an ulp. ``find_unused_parameters=True`` keeps the
     initial buckets (the reducer only rebuilds without it).
     """
-    import inspect
-    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-    return DDP(model, find_unused_parameters=True, **{sync: False})
+    return DDP(model, find_unused_parameters=True, **commhooks.ddp_buffer_sync_kwargs(False))
 
 
 def flat(params) -> torch.Tensor:

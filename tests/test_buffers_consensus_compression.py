@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import commhooks
-from reference import OPT, make_ddp, make_model, train
+from reference import make_ddp, make_model, train
 from spawn import run_ranks
 
 
