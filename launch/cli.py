@@ -8,18 +8,34 @@ Everything is parsed by torchrun's own argument parser and executed by
 - `--max-restarts 3` (torchrun's CLI default is 0: one crash ends the job);
 - a `--rdzv-endpoint` without a `--rdzv-backend` means c10d (multi-node, elastic `--nnodes MIN:MAX`);
 - `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` for the workers unless already set.
+
+And three safeguards (agent.py, tether.py, exitcodes.py):
+
+- a worker that exits with a code of `launch.exitcodes.NO_RESTART` (2: usage, configuration or
+  data error; 3: divergence) ends the job at once, and the launcher exits with that code;
+- every worker dies with the launcher (SIGKILL within about a second on Linux), whatever signal
+  ended the launcher;
+- one-node jobs keep their rendezvous store, `MASTER_ADDR` and gloo on loopback (127.0.0.1).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import uuid
 from collections.abc import Sequence
 
 import torch
 from torch.distributed import run as torchrun
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+from .agent import (
+    LOOPBACK_BACKEND, LOOPBACK_HOST, final_exit_agent, final_failure, register_loopback_rendezvous,
+)
+from .exitcodes import EXIT_USAGE, NO_RESTART
+from .tether import AGENT_PID_ENV
 
 DEFAULT_MAX_RESTARTS = 3
 # More CPU ranks on one machine mostly add all-reduce traffic and memory; beyond this, ask
@@ -104,6 +120,38 @@ def _set_worker_environment() -> None:
     # fresh MASTER_PORT. Upstream: pytorch/pytorch#135712, #167288. The agent reads it in this
     # process, so it must be in os.environ before the agent starts.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # The workers' tether (tether.py) compares its parent with this pid: the agent runs here.
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
+
+
+def _use_loopback_rendezvous(args: argparse.Namespace) -> None:
+    """`--standalone`, with the rendezvous store, MASTER_ADDR (and gloo on Linux) on 127.0.0.1.
+
+    torchrun's standalone c10d store listens on every interface; on one node nothing needs to.
+    """
+    register_loopback_rendezvous()
+    args.standalone = False
+    args.rdzv_backend = LOOPBACK_BACKEND
+    args.rdzv_endpoint = f"{LOOPBACK_HOST}:0"
+    args.rdzv_id = str(uuid.uuid4())
+    if args.local_addr is None:
+        args.local_addr = LOOPBACK_HOST  # becomes the workers' MASTER_ADDR
+    if sys.platform.startswith("linux") and "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def _start_workers_tethered(args: argparse.Namespace) -> None:
+    """Start every worker through `python -m launch.tether`, which ties it to this process.
+
+    Not with `--no-python` or `--run-path` (no Python command line to prefix): those workers are
+    tied to their parent by `init_distributed`, once their process group starts.
+    """
+    if args.no_python or args.run_path:
+        return
+    target = (["-m"] if args.module else []) + [args.training_script]
+    args.training_script_args = target + list(args.training_script_args)
+    args.training_script = "launch.tether"
+    args.module = True
 
 
 @record
@@ -115,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
     """
     _set_worker_environment()
     where = (
-        "standalone (one node)"
+        "standalone (one node, loopback)"
         if args.standalone
         else f"{args.rdzv_backend} rendezvous at {args.rdzv_endpoint or args.master_addr}, "
         f"nnodes {args.nnodes}"
@@ -126,7 +174,11 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    torchrun.run(args)
+    if args.standalone:
+        _use_loopback_rendezvous(args)
+    _start_workers_tethered(args)
+    with final_exit_agent():
+        torchrun.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -139,5 +191,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = parse_args(argv)
     except ValueError as e:
         print(f"python -m launch: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run(args)
+        raise SystemExit(EXIT_USAGE) from None
+    try:
+        run(args)
+    except ChildFailedError as e:
+        final = final_failure(e.failures)
+        if final is not None:
+            # The worker printed the error itself; torchrun's failure table would only repeat it.
+            rank, code = final
+            print(f"[launch] stopped: rank {rank} exited with code {code} ({NO_RESTART[code]})",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(code) from None
+        print(e.format_msg(), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
