@@ -23,20 +23,33 @@ from datetime import timedelta
 
 import torch.distributed.launcher.api as launcher_api
 from torch.distributed import TCPStore
-from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
+from torch.distributed.elastic.agent.server.api import (
+    RunResult,
+    WorkerGroup,
+    WorkerState,
+)
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.elastic.rendezvous import (
-    RendezvousHandler, RendezvousParameters, rendezvous_handler_registry,
+    RendezvousHandler,
+    RendezvousParameters,
+    rendezvous_handler_registry,
 )
-from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+    C10dRendezvousBackend,
+)
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
 from .exitcodes import NO_RESTART
 
-__all__ = ["FinalExitAgent", "LOOPBACK_BACKEND", "final_exit_agent", "final_failure",
-           "register_loopback_rendezvous"]
+__all__ = [
+    "LOOPBACK_BACKEND",
+    "FinalExitAgent",
+    "final_exit_agent",
+    "final_failure",
+    "register_loopback_rendezvous",
+]
 
 LOOPBACK_BACKEND = "c10d-loopback"
 LOOPBACK_HOST = "127.0.0.1"

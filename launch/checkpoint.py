@@ -116,7 +116,7 @@ _PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.de
 
 
 def _check_plain(obj: Any, where: str, allowed: tuple[type, ...]) -> None:
-    """Raise ValueError if `obj` holds something `torch.load(weights_only=True)` would refuse."""
+    """Raise TypeError if `obj` holds something `torch.load(weights_only=True)` would refuse."""
     if isinstance(obj, Mapping):
         for k, v in obj.items():
             _check_plain(k, where, allowed)
@@ -125,7 +125,7 @@ def _check_plain(obj: Any, where: str, allowed: tuple[type, ...]) -> None:
         for i, v in enumerate(obj):
             _check_plain(v, f"{where}[{i}]", allowed)
     elif not isinstance(obj, _PLAIN + allowed):
-        raise ValueError(
+        raise TypeError(
             f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only "
             "tensors, numbers, strings and dicts/lists/tuples of them (pass the type in "
             "Checkpointer(safe_globals=[...]) to allow it)"
@@ -293,7 +293,7 @@ class Checkpointer:
         error: BaseException | None = None
         try:
             _check_plain(extra or {}, "extra", self.safe_globals)
-        except ValueError as e:
+        except TypeError as e:
             error = e
         if rt.is_main and error is None:
             try:
@@ -305,7 +305,7 @@ class Checkpointer:
         # Also a barrier: no rank writes into the folder before rank 0 has cleared it.
         if not self._all_ok(error is None):
             self._abandon(folder)
-            if isinstance(error, ValueError):
+            if isinstance(error, TypeError):
                 raise error
             raise RuntimeError(
                 f"checkpoint step {step}: "
@@ -339,7 +339,7 @@ class Checkpointer:
             reports = self._gather(bad)
             self._abandon(folder)
             where = "; ".join(f"rank {r}: {_some(names)}" for r, names in enumerate(reports) if names)
-            raise NonFiniteError(f"checkpoint step {step} not written: non-finite values ({where})")
+            raise NonFiniteError(f"step {step}: non-finite values, checkpoint not written ({where})")
 
         try:
             _atomic_save(state, folder / _rank_file(rt.rank))

@@ -32,7 +32,11 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from .agent import (
-    LOOPBACK_BACKEND, LOOPBACK_HOST, final_exit_agent, final_failure, register_loopback_rendezvous,
+    LOOPBACK_BACKEND,
+    LOOPBACK_HOST,
+    final_exit_agent,
+    final_failure,
+    register_loopback_rendezvous,
 )
 from .exitcodes import EXIT_USAGE, NO_RESTART
 from .tether import AGENT_PID_ENV
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if final is not None:
             # The worker printed the error itself; torchrun's failure table would only repeat it.
             rank, code = final
-            print(f"[launch] stopped: rank {rank} exited with code {code} ({NO_RESTART[code]})",
+            print(f"[launch] stopped: rank {rank} exited with code {code}: {NO_RESTART[code]}",
                   file=sys.stderr, flush=True)
             raise SystemExit(code) from None
         print(e.format_msg(), file=sys.stderr, flush=True)
