@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Iterable, Mapping
 from itertools import chain
 from pathlib import Path
@@ -138,17 +139,18 @@ def _load(path: Path, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _why_unloadable(error: BaseException) -> str:
-    """A one-line reason why `_load` failed, for the message naming the skipped file."""
+def _why_unloadable(path: Path, error: BaseException) -> str:
+    """A one-line reason why `_load(path)` failed, for the message naming the skipped file."""
     text = str(error)
     for line in text.splitlines():
         if "Unsupported global" in line:  # a pickle that asks to import something
             what = line.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in line else line.strip()
             return (f"refused by weights-only loading: it asks for {what}, which no checkpoint "
                     "written here contains (a foreign or tampered file)")
-    if "central directory" in text or "zip archive" in text or isinstance(error, EOFError):
-        return f"truncated or not a torch.save file ({type(error).__name__})"
     first = (text.strip().splitlines() or [""])[0][:200]
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        return (f"truncated or corrupt: not a complete torch.save archive "
+                f"({path.stat().st_size} bytes)")
     return f"{type(error).__name__}: {first}"
 
 
@@ -373,7 +375,7 @@ class Checkpointer:
         try:
             state = _load(path, self.safe_globals)
         except Exception as e:  # noqa: BLE001 - any reason makes the file unusable; named below
-            return None, _why_unloadable(e)
+            return None, _why_unloadable(path, e)
         expect: dict[str, Any] = {"step": step, "world_size": world_size}
         keys = {"model", "extra"}
         if path.name != AVERAGE:

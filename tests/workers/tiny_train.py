@@ -52,6 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ckpt-dir", required=True)
     p.add_argument("--ckpt-every", type=int, default=3)
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.05)
@@ -91,7 +92,7 @@ def main() -> None:
     ).to(torch.float64)
     ddp = DDP(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    ckpt = Checkpointer(args.ckpt_dir, rt)
+    ckpt = Checkpointer(args.ckpt_dir, rt, keep=args.keep)
     resume = ckpt.latest()
     if resume is not None:
         resume.load_model(ddp.module)
