@@ -379,12 +379,13 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path) -> str | None:
     panels = sorted({(r["nodes"], r["rate_mbit"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (nodes, rate) in zip(axes[0], panels):
-        for row in rows:
-            if (row["nodes"], row["rate_mbit"]) != (nodes, rate) or not row.get("evals"):
-                continue
+        mine = [r for r in rows if (r["nodes"], r["rate_mbit"]) == (nodes, rate) and r.get("evals")
+                and r["label"] != LOCAL]  # the baseline's replicas never agree: not a training
+        for i, row in enumerate(mine):
             ax.plot([e["seconds"] for e in row["evals"]], [e["val_acc"] for e in row["evals"]],
-                    marker=".", label=row["label"])
+                    marker=".", linestyle="-" if i < 10 else "--", label=row["label"])
         ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylim(bottom=max(0.0, target - 0.1), top=1.005)  # zoom on the approach to the target
         ax.set_title(f"{nodes} nodes, {rate:g} Mbit/s")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("validation accuracy")
