@@ -38,10 +38,9 @@ from typing import Any
 
 import commhooks
 
-from .netns import Cluster, NetnsUnavailable, why_unavailable
+from .netns import EXIT_UNAVAILABLE, Cluster, NetnsUnavailable, check_available
 
 REPO = Path(__file__).resolve().parents[1]
-EXIT_UNAVAILABLE = 2
 LOCAL = "local"  # the no-exchange baseline's label
 _LOCAL_ARGS = ["--algo", "cpsgd", "--period", str(10**9)]
 _BASE_PORT = 29600
@@ -343,8 +342,9 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = [c[0] for c in COLUMNS]
-    lines = [f"Emulated cluster, {meta['workload']}; target {meta['target']:.0%}; medians of "
-             f"{meta['rounds']} round(s); {meta['date']}; `{meta['command']}`", "",
+    title = (f"Emulated cluster, {meta['workload']}; target {meta['target']:.0%}; medians of "
+             f"{meta['rounds']} round(s); {meta['date']}; `{meta['command']}`")
+    lines = [title, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row, k, f) for _, k, f in COLUMNS) + " |")
@@ -421,10 +421,9 @@ def _write(out: Path, runs: list[RunResult], meta: dict[str, Any], final: bool) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    why = why_unavailable()
-    if why is not None:
-        print(f"benchmarks.cluster: cannot run: {why}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    refused = check_available("benchmarks.cluster")
+    if refused is not None:
+        return refused
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = specs(args)

@@ -27,9 +27,8 @@ import json
 import sys
 from pathlib import Path
 
-from .netns import Cluster, NetnsUnavailable, why_unavailable
+from .netns import EXIT_UNAVAILABLE, Cluster, NetnsUnavailable, check_available
 
-EXIT_UNAVAILABLE = 2
 METHODS = ("gossip", "recv-first", "send-first", "all-reduce")
 TARGET_RATIO = 1.15
 
@@ -42,53 +41,57 @@ def _float_list(text: str) -> list[float]:
 # The ranks (under torchrun)
 
 
-def worker(sizes_mb: list[float], repeats: int, out: str) -> None:
+def _measure(numel: int, repeats: int) -> dict[str, float]:
+    """Seconds of each method for ``numel`` float32 values (the slowest rank's median)."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import commhooks
 
-    from .common import init, say, timed
+    from .common import timed
+
+    rank = dist.get_rank()
+    peer = 1 - rank
+
+    class Flat(torch.nn.Module):  # one parameter of S bytes: the exchange is all there is
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(numel))
+
+    ddp = DDP(Flat(), **commhooks.ddp_buffer_sync_kwargs(False))
+    # lr 0 and no gradients: the optimizer step changes nothing; step() is the exchange + mix.
+    algo = commhooks.build("dpsgd", ddp, torch.optim.SGD(ddp.parameters(), lr=0.0),
+                           topology="random-pair", log_every=0, seed=0)
+    send, recv = torch.full((numel,), float(rank)), torch.empty(numel)
+
+    def post(recv_first: bool) -> None:
+        if recv_first:
+            works = [dist.irecv(recv, peer), dist.isend(send, peer)]
+        else:
+            works = [dist.isend(send, peer), dist.irecv(recv, peer)]
+        for w in works:
+            w.wait()
+
+    fns = {"gossip": algo.step, "recv-first": lambda: post(True), "send-first": lambda: post(False),
+           "all-reduce": lambda: dist.all_reduce(send)}
+    return {name: timed(fns[name], repeats, warmup=1) for name in METHODS}
+
+
+def worker(sizes_mb: list[float], repeats: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from .common import init, say
 
     rank, world = init()
     if world != 2:
         raise SystemExit(f"link_exchange runs on exactly 2 ranks, got {world}")
-    peer = 1 - rank
     results = []
     for mb in sizes_mb:
         numel = max(1, int(mb * 1e6) // 4)
-        nbytes = numel * 4
-
-        class Flat(torch.nn.Module):  # one parameter of S bytes: the exchange is all there is
-            def __init__(self) -> None:
-                super().__init__()
-                self.w = torch.nn.Parameter(torch.zeros(numel))
-
-        ddp = DDP(Flat(), **commhooks.ddp_buffer_sync_kwargs(False))
-        # lr 0 and no gradients: the optimizer step changes nothing; step() is the exchange + mix.
-        algo = commhooks.build("dpsgd", ddp, torch.optim.SGD(ddp.parameters(), lr=0.0),
-                               topology="random-pair", log_every=0, seed=0)
-        send, recv = torch.full((numel,), float(rank)), torch.empty(numel)
-
-        def recv_first() -> None:
-            works = [dist.irecv(recv, peer), dist.isend(send, peer)]
-            for w in works:
-                w.wait()
-
-        def send_first() -> None:
-            works = [dist.isend(send, peer), dist.irecv(recv, peer)]
-            for w in works:
-                w.wait()
-
-        fns = {"gossip": algo.step, "recv-first": recv_first, "send-first": send_first,
-               "all-reduce": lambda: dist.all_reduce(send)}
-        row = {"bytes": nbytes}
-        for name in METHODS:
-            row[name] = timed(fns[name], repeats, warmup=1)
-        say(f"{nbytes / 1e6:.2f} MB: " + ", ".join(f"{m} {row[m]:.4f} s" for m in METHODS))
+        row = {"bytes": numel * 4, **_measure(numel, repeats)}
+        say(f"{row['bytes'] / 1e6:.2f} MB: " + ", ".join(f"{m} {row[m]:.4f} s" for m in METHODS))
         results.append(row)
-        del algo, ddp
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -119,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.repeats < 1 or not args.sizes_mb or min(args.sizes_mb) <= 0 or not args.rates or min(args.rates) <= 0:
         p.error("--repeats, --sizes-mb and --rates must be positive")
-    why = why_unavailable()
-    if why is not None:
-        print(f"benchmarks.link_exchange: cannot run: {why}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    refused = check_available("benchmarks.link_exchange")
+    if refused is not None:
+        return refused
 
     from rich.console import Console
     from rich.table import Table

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +42,7 @@ class NetnsUnavailable(RuntimeError):
 
 
 def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=_IP_TIMEOUT_S)
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False)
 
 
 def _must(argv: Sequence[str]) -> None:
@@ -96,6 +97,18 @@ def why_unavailable() -> str | None:
             _run(["ip", "netns", "del", probe])
     _why_cache.append(why)
     return why
+
+
+EXIT_UNAVAILABLE = 2  # a benchmark's exit status where it cannot make its cluster
+
+
+def check_available(program: str) -> int | None:
+    """None where a cluster can be made; otherwise print one line saying why, return exit status 2."""
+    why = why_unavailable()
+    if why is None:
+        return None
+    print(f"{program}: cannot run: {why}", file=sys.stderr)
+    return EXIT_UNAVAILABLE
 
 
 def leftovers(prefix: str) -> list[str]:
