@@ -7,7 +7,9 @@ Everything is parsed by torchrun's own argument parser and executed by
 - `--nproc-per-node auto` (GPUs if present, else the usable CPU cores, at most 8);
 - `--max-restarts 3` (torchrun's CLI default is 0: one crash ends the job);
 - a `--rdzv-endpoint` without a `--rdzv-backend` means c10d (multi-node, elastic `--nnodes MIN:MAX`);
-- `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` for the workers unless already set.
+- `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` for the workers unless already set;
+- multi-node: `--rdzv-conf join_timeout=300` (torchrun: 600), which also bounds how long an agent
+  waits for an answer from the rendezvous store on another node.
 
 And three safeguards (agent.py, tether.py, exitcodes.py):
 
@@ -30,6 +32,10 @@ from collections.abc import Sequence
 import torch
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError, RendezvousConnectionError, RendezvousError, RendezvousTimeoutError,
+)
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
 from .agent import (
     LOOPBACK_BACKEND,
@@ -42,6 +48,12 @@ from .exitcodes import EXIT_USAGE, NO_RESTART
 from .tether import AGENT_PID_ENV
 
 DEFAULT_MAX_RESTARTS = 3
+# How long agents wait for each other (at start and at every restart), and how long an agent's
+# connection to a store on another node may go unanswered. A partition shorter than this minus
+# the workers' collective timeout is survived (the restart resumes from the last checkpoint); a
+# longer one ends every node within about the collective timeout plus this.
+DEFAULT_JOIN_TIMEOUT_S = 300
+C10D_DEFAULT_PORT = 29400
 # More CPU ranks on one machine mostly add all-reduce traffic and memory; beyond this, ask
 # explicitly with --nproc-per-node N.
 MAX_AUTO_CPU_WORKERS = 8
@@ -110,7 +122,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "(c10d rendezvous; the same on every node)"
             )
         args.standalone = True
+    if args.rdzv_backend == "c10d" and not args.standalone:
+        conf = _rdzv_conf(args.rdzv_conf)
+        conf.setdefault("join_timeout", str(DEFAULT_JOIN_TIMEOUT_S))
+        args.rdzv_conf = ",".join(f"{k}={v}" for k, v in conf.items())
     return args
+
+
+def _rdzv_conf(text: str) -> dict[str, str]:
+    """`--rdzv-conf k1=v1,k2=v2` as a dict (order kept)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {k.strip(): v.strip() for k, v in (p if len(p) == 2 else (p[0], "") for p in pairs)}
 
 
 def _set_worker_environment() -> None:
@@ -178,10 +200,14 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
+    store, give_up = None, float(DEFAULT_JOIN_TIMEOUT_S)
     if args.standalone:
         _use_loopback_rendezvous(args)
+    elif args.rdzv_backend == "c10d" and args.rdzv_endpoint:
+        store = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=C10D_DEFAULT_PORT)
+        give_up = float(_rdzv_conf(args.rdzv_conf).get("join_timeout", give_up))
     _start_workers_tethered(args)
-    with final_exit_agent():
+    with final_exit_agent(store, give_up):
         torchrun.run(args)
 
 
@@ -208,3 +234,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(code) from None
         print(e.format_msg(), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except RendezvousError as e:
+        print(f"[launch] giving up: {_rendezvous_failure(args, e)}; checkpoints are kept: run the "
+              "same command on every node to resume", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _rendezvous_failure(args: argparse.Namespace, error: RendezvousError) -> str:
+    """What a rendezvous error means for the user, in one line."""
+    conf = _rdzv_conf(args.rdzv_conf)
+    if isinstance(error, RendezvousTimeoutError):
+        return (f"the other node(s) did not join within join_timeout "
+                f"{conf.get('join_timeout', '?')} s (a network partition, or a node that stopped)")
+    if isinstance(error, RendezvousConnectionError):
+        return (f"lost the rendezvous store at {args.rdzv_endpoint} (no answer within join_timeout "
+                f"{conf.get('join_timeout', '?')} s: a network partition, or the host node stopped)")
+    if isinstance(error, RendezvousClosedError):
+        return "another node ended the job (see its output)"
+    return f"rendezvous failed: {error}"
