@@ -327,10 +327,13 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
                 "trained_images": before["trained_images"]
                 + steps_this_run * args.batch_size * rt.world_size}
 
-    def _save() -> None:
+    def _save(meters: dict[str, torch.Tensor | None] | None = None) -> None:
+        """Checkpoint this step; `meters`: the figures' sums to save, if not the current ones."""
         assert ckpt is not None
-        extra = {"epoch": loader.epoch, "meters": {"window": window.state(), "epoch": epoch_meter.state()},
-                 "train": (train_loss, train_acc), **_totals()}
+        if meters is None:
+            meters = {"window": window.state(), "epoch": epoch_meter.state()}
+        extra = {"epoch": loader.epoch, "meters": meters, "train": (train_loss, train_acc),
+                 **_totals()}
         try:
             ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader, extra=extra)
         except NonFiniteError as e:
@@ -343,6 +346,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
     t_window = time.perf_counter()
     ddp.train()
     done = step >= total_steps
+    end_meters: dict[str, torch.Tensor | None] | None = None
     while not done:
         epoch = loader.epoch
         for x, y in loader:
@@ -379,6 +383,8 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
                 done = True
                 break
         epoch_end = loader.position == 0  # the loader rolled over (not cut by --max-steps)
+        if done:  # the final checkpoint keeps the sums, so a longer rerun continues the epoch
+            end_meters = {"window": window.state(), "epoch": epoch_meter.state()}
         if done or (epoch_end and (epoch + 1) % args.eval_every == 0):
             epoch_meter.merge(window)
             window = Meter()
@@ -396,7 +402,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         val_loss, val_acc = _validate(f"step {step}: ")
     if ckpt and args.checkpoint_every and step % args.checkpoint_every and steps_this_run:
         # the end is a checkpoint too: a rerun of the same command finds the run complete
-        _save()
+        _save(end_meters)
 
     totals = _totals()
     wall = totals["wall_seconds"]

@@ -340,3 +340,28 @@ def test_results_json_is_strict(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"train_loss": None, "hparams": {"high": "inf", "low": 0.7}, "steps": 3}
+
+
+@pytest.mark.timeout(120)
+def test_resumed_and_rerun_results_match_the_uninterrupted_run(tmp_path, capsys):
+    """Stopped at step 5 (mid-epoch), resumed to the end: the same train and val figures as an
+    uninterrupted run. A rerun of the finished job leaves the results file as it was, or, if
+    there is none, writes the same figures again."""
+    if dist.is_initialized():
+        pytest.skip("a default process group is already initialised in this process")
+    base = ["--dataset", "synthetic", "--batch-size", "256", "--epochs", "2",
+            "--logdir", str(tmp_path / "tb")]
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "3"]
+    keys = ("steps", "train_loss", "train_acc", "val_loss", "val_acc")
+    straight = train.main(MNIST, base + ["--results", str(tmp_path / "a.json")])
+    train.main(MNIST, base + ck + ["--max-steps", "5"])
+    resumed = train.main(MNIST, base + ck + ["--results", str(tmp_path / "b.json")])
+    assert [resumed[k] for k in keys] == [straight[k] for k in keys]
+    written = (tmp_path / "b.json").read_bytes()
+    capsys.readouterr()
+    train.main(MNIST, base + ck + ["--results", str(tmp_path / "b.json")])
+    assert "already complete at step 16; " in capsys.readouterr().out
+    assert (tmp_path / "b.json").read_bytes() == written
+    train.main(MNIST, base + ck + ["--results", str(tmp_path / "c.json")])
+    again = json.loads((tmp_path / "c.json").read_text(), parse_constant=pytest.fail)
+    assert [again[k] for k in keys] == [straight[k] for k in keys]
