@@ -33,7 +33,10 @@ import torch
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.elastic.rendezvous import (
-    RendezvousClosedError, RendezvousConnectionError, RendezvousError, RendezvousTimeoutError,
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousTimeoutError,
 )
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 

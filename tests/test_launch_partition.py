@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 from test_launch_restart import (
-    EVERY, HPARAMS, REPO, STEPS, WORKER, _check_buildable, assert_same_weights, reference, weights,
+    EVERY,
+    HPARAMS,
+    REPO,
+    STEPS,
+    WORKER,
+    _check_buildable,
+    assert_same_weights,
+    reference,
+    weights,
 )
 
 from benchmarks.netns import Cluster, why_unavailable

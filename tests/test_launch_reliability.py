@@ -27,7 +27,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_launch_restart import (
-    HPARAMS, REPO, _check_buildable, assert_same_weights, launch, reference, weights,
+    HPARAMS,
+    REPO,
+    _check_buildable,
+    assert_same_weights,
+    launch,
+    reference,
+    weights,
 )
 
 from launch.checkpoint import MARKER, Checkpointer, NonFiniteError
@@ -53,10 +59,13 @@ def _run_launcher(args: list[str], timeout: float) -> tuple[int, str, float]:
                           start_new_session=True) as child:
         try:
             out, _ = child.communicate(timeout=timeout)
-        except BaseException:
+        except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             out, _ = child.communicate()
             pytest.fail(f"launcher did not finish in {timeout} s:\n{out[-4000:]}")
+        except BaseException:  # e.g. pytest-timeout's interrupt: leave no launcher behind
+            os.killpg(child.pid, signal.SIGKILL)
+            raise
     return child.returncode, out, time.monotonic() - start
 
 
@@ -107,7 +116,7 @@ def test_lr_1e6_stops_once_and_keeps_the_good_checkpoints(tmp_path):
               "--checkpoint-every", "3", "--log-interval", "2"]
     rc, out, _ = _run_launcher(_recipe(tmp_path, *common, "--max-steps", "6"), timeout=100)
     assert rc == 0, out[-3000:]
-    rc, out, seconds = _run_launcher(_recipe(tmp_path, *common, "--lr", "1e6",
+    rc, out, _ = _run_launcher(_recipe(tmp_path, *common, "--lr", "1e6",
                                              "--results", str(tmp_path / "r.json")), timeout=100)
     assert rc == 3, out[-3000:]
     assert out.count("error: training diverged") == 1, out
@@ -244,20 +253,23 @@ class _RunsCode:
     def __init__(self, path: Path) -> None:
         self.path = str(path)
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple:
         return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def uninterrupted_cpsgd(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Final weights of 20 uninterrupted cpsgd steps on 2 ranks (shared with the restart tests)."""
+    _check_buildable("cpsgd")
+    return reference(tmp_path_factory, "cpsgd")
 
 
 @pytest.mark.timeout(180)
 def test_crafted_truncated_and_incomplete_newest_steps_fall_back_together(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, uninterrupted_cpsgd: list[dict]
 ) -> None:
-    name = "cpsgd"
-    _check_buildable(name)
-    expected = reference(tmp_path_factory, name)  # 20 uninterrupted steps, 2 ranks
-    hp = json.dumps(HPARAMS[name])
-    first = launch(tmp_path, "job", "--algo", name, "--hparams", hp, "--steps", "12", "--keep", "3",
-                   restarts=0)
+    hp = ["--algo", "cpsgd", "--hparams", json.dumps(HPARAMS["cpsgd"]), "--keep", "3"]
+    first = launch(tmp_path, "job", *hp, "--steps", "12", restarts=0)
     assert first.returncode == 0, first.log[-4000:]
     ck = tmp_path / "job" / "ckpt"
     assert sorted(p.name for p in ck.iterdir()) == [f"step_{s:09d}" for s in (6, 9, 12)]
@@ -272,7 +284,7 @@ def test_crafted_truncated_and_incomplete_newest_steps_fall_back_together(
     (ck / "step_000000015").mkdir()
     (ck / "step_000000015" / "rank_00000.pt").write_bytes(b"partial")
 
-    second = launch(tmp_path, "job", "--algo", name, "--hparams", hp, "--keep", "3", restarts=0)
+    second = launch(tmp_path, "job", *hp, restarts=0)
     log = second.log
     assert second.returncode == 0, log[-4000:]
     assert "skipping step_000000015: incomplete (no COMPLETE marker" in log, log
@@ -282,13 +294,13 @@ def test_crafted_truncated_and_incomplete_newest_steps_fall_back_together(
     assert "resuming from step_000000006, the newest step every rank can load" in log, log
     assert "[tiny] resumed from step 6 (saved by 2 ranks)" in log, log
     assert not marker.exists(), "the crafted checkpoint ran code"
-    assert_same_weights(weights(tmp_path / "job" / "out"), expected)
+    assert_same_weights(weights(tmp_path / "job" / "out"), uninterrupted_cpsgd)
 
 
 class _Step:
     """Enough of an algorithm for the checkpointer (plain SGD, one process)."""
 
-    def consensus(self):  # noqa: ANN201
+    def consensus(self) -> object:
         import contextlib
 
         return contextlib.nullcontext()
