@@ -55,17 +55,17 @@ def _watch(parent: int) -> None:
 def die_with_parent(parent: int | None = None) -> None:
     """Make this process end (SIGKILL) within about a second of its parent's death.
 
-    Idempotent. Without `parent`, the launcher's pid from `LAUNCH_AGENT_PID`, else the current
-    parent. If the parent is already gone, the process ends now.
+    Idempotent. If the parent is already gone (it is not `parent`), the process ends now.
 
     Args:
-        parent: the pid whose death should end this process.
+        parent: the pid of the process that started this one (the launcher's agent); None: the
+            current parent.
     """
     global _tied
     if _tied or os.name != "posix":
         return
     if parent is None:
-        parent = int(os.environ.get(AGENT_PID_ENV) or os.getppid())
+        parent = os.getppid()
     _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # the launcher died before the death signal was armed
         os.kill(os.getpid(), signal.SIGKILL)
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m launch.tether [-m] TARGET ARGS...`: tie to the parent, then run TARGET as
     `python [-m] TARGET ARGS...` would (as `__main__`, with `sys.argv` and `sys.path[0]` set)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    die_with_parent()
+    # The launcher sets its pid just before it starts the agent, so it is never a stale value.
+    agent = os.environ.get(AGENT_PID_ENV)
+    die_with_parent(int(agent) if agent else None)
     if not argv:
         raise SystemExit("usage: python -m launch.tether [-m] TARGET [ARGS...]")
     if argv[0] == "-m":

@@ -94,6 +94,7 @@ def test_only_final_exit_codes_stop_the_restarts() -> None:
 @pytest.mark.timeout(30)
 def test_worker_environment_keeps_user_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.delenv("LAUNCH_AGENT_PID", raising=False)  # set below; restored (absent) after
     cli._set_worker_environment()
     assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
