@@ -18,13 +18,14 @@ from .entropy import ProximalInnerLoop
 from .flat import FlatWeights
 from .gossip import GossipMixing, gossip_peers, random_matching
 from .grad_hooks import GradSyncState, allreduce_hook, compress_wrapper
+from .guards import ExchangeGuard, NonFiniteError, StepMismatchError, min_steps, pull_stability_bound
 from .noise import IsotropicNoise, step_seed
 
 __all__ = [
     "ALGORITHMS", "SYNCHRONOUS", "Algorithm", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
-    "ElasticPull", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
-    "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "Topology", "allreduce_hook", "build",
+    "ElasticPull", "ExchangeGuard", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
+    "NonFiniteError", "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "StepMismatchError", "Topology", "allreduce_hook", "build",
     "check_same_across_ranks", "compress_wrapper", "config_class", "ddp_buffer_sync_kwargs", "gossip_peers", "make_topology",
-    "random_matching", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean", "step_seed",
+    "min_steps", "pull_stability_bound", "random_matching", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean", "step_seed",
     "synchronize_weights",
 ]

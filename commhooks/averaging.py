@@ -135,6 +135,7 @@ class PeriodicAveraging(Component):
             return
         self.local_steps += 1
         if self.local_steps == self.schedule.period:
+            self.ctx.guard.before_exchange("periodic average", k)
             distance = synchronize_weights(self.ctx, self._scratch)
             self.local_steps = 0
             self.schedule.update(distance, self.ctx.lr, k)

@@ -63,6 +63,8 @@ class Topology:
         replica_group: the ranks of this replica, or ``None`` when ``m == 1`` (no exchange).
         weight_group: a dedicated group over all ranks for asynchronous weight traffic
             (gossip, reference averages), so it never queues behind the gradient all-reduce.
+        guard_group: a gloo group over all ranks for the step tag that goes with every weight
+            exchange (``commhooks.guards``): CPU only, so the check never waits for a device.
     """
 
     world_size: int
@@ -70,6 +72,7 @@ class Topology:
     replica_size: int
     replica_group: ProcessGroup | None
     weight_group: ProcessGroup | None
+    guard_group: ProcessGroup | None = None
 
     @property
     def num_replicas(self) -> int:
@@ -116,12 +119,14 @@ def make_topology(replica_size: int, timeout: timedelta | None = None) -> Topolo
     else:
         replica_group, _ = dist.new_subgroups(group_size=replica_size, **kwargs)
     weight_group = dist.new_group(ranks=list(range(world)), **kwargs) if world > 1 else None
+    guard_group = dist.new_group(ranks=list(range(world)), backend="gloo", **kwargs) if world > 1 else None
     return Topology(
         world_size=world,
         rank=rank,
         replica_size=replica_size,
         replica_group=replica_group,
         weight_group=weight_group,
+        guard_group=guard_group,
     )
 
 

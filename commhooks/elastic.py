@@ -114,6 +114,8 @@ class ElasticPull(Component):
             self.reference.start(self.ctx.weights.param_segments())
 
     def before_optimizer(self, k: int) -> None:
+        if k % self.period == 0:
+            self.ctx.guard.before_exchange("Elastic-SGD reference average", k)
         ref = self.reference.get()
         with torch.no_grad():
             deltas = [x - r for x, r in zip(self.ctx.weights.param_segments(), ref)]

@@ -79,6 +79,7 @@ class ProximalInnerLoop(Component):
     def _outer_step(self, k: int) -> None:
         _, rho = self.coefficients(k)
         lr, mu = self.ctx.lr, self.ctx.momentum
+        self.ctx.guard.before_exchange("Parle anchor average", k)
         ref = self.reference.get()
         with torch.no_grad():
             pulls = [x - r for x, r in zip(self.anchor, ref)]

@@ -77,6 +77,7 @@ class GossipMixing(Component):
         """Send this replica's weights to its peers for step ``k`` and post the receives."""
         if self._works is not None:
             return
+        self.ctx.guard.before_exchange("gossip exchange", self.k)
         topo, meter = self.ctx.topo, self.ctx.meter
         segments = self.ctx.weights.comm_segments()
         self._works = []
