@@ -7,13 +7,18 @@ tensors of the same size without any error (a periodic average paired with anoth
 (a gossip partner chosen for a different step).
 
 :class:`ExchangeGuard` prevents both. Before every weight exchange (a periodic average, an
-Elastic-SGD or Parle reference average, a gossip step), before ``consensus()`` and in
-``check_finite()``, each rank contributes ``[step, -step, kind, -kind, non_finite]`` (five
-int64, 40 bytes) to one MAX all-reduce on a small gloo group of its own, on CPU, so it never
-waits for the device and never queues behind weight traffic. Equal minimum and maximum mean
-that every rank is at the same exchange of the same step; anything else raises
+Elastic-SGD or Parle reference average, a gossip step), before ``consensus()``, in
+``check_finite()``, and before the collectives DDP itself runs inside a backward pass (the
+gradient all-reduce of a replica or of a warm-up step, the used-parameter map of
+``find_unused_parameters=True``), each rank contributes ``[step, -step, kind, -kind,
+non_finite]`` (five int64, 40 bytes) to one MAX all-reduce on a gloo group of its own, on CPU,
+so it never waits for the device and never queues behind weight traffic. At most one such check
+runs per step (plus ``consensus()`` and ``check_finite()``). Equal minimum and maximum mean
+that every rank is at the same place of the same step; anything else raises
 :class:`StepMismatchError` on every rank, before any weight is mixed, naming where each rank is.
 Because the checks share one group, they pair with each other whatever each rank was doing.
+Not covered: DDP's buffer broadcast in the forward pass (``broadcast_buffers=True``, which
+``build`` already warns about for these algorithms) and collectives of your own.
 
 The same probe optionally carries a non-finite flag (``build(..., check_finite=True)``): each
 rank reads its own weights before the exchange, so a diverged rank stops every rank, before the
@@ -45,7 +50,7 @@ KINDS: tuple[str, ...] = (
     "Elastic-SGD reference average",
     "Parle anchor average",
     "gossip exchange",
-    "backward",
+    "backward pass",
     "consensus()",
     "check_finite()",
 )
@@ -113,7 +118,7 @@ class ExchangeGuard:
     def before_backward(self, step: int) -> None:
         """Call before the collectives DDP runs inside step ``step``'s backward (weights unchecked)."""
         if self.exchanges and self.steps and step != self._agreed_step:
-            self._probe("backward", step, finite=False)
+            self._probe("backward pass", step, finite=False)
             self._agreed_step = step
 
     def enter_consensus(self, step: int, timeout: timedelta | None = None) -> None:

@@ -133,8 +133,8 @@ def test_consensus_entered_by_one_rank_alone_fails_within_its_timeout():
     assert time.monotonic() - start < TIMEOUT_S / 2
 
 
-def _train_and_count(rank, world, name, hp, steps, check_steps):
-    model, ddp, optimizer, algo = _build(name, hp, check_steps=check_steps)
+def _train_and_count(rank, world, name, hp, steps, check_steps, find_unused):
+    model, ddp, optimizer, algo = _build(name, hp, find_unused=find_unused, check_steps=check_steps)
     for k in range(steps):
         _step(ddp, optimizer, algo, rank, k)
     guard = algo.ctx.guard
@@ -142,19 +142,25 @@ def _train_and_count(rank, world, name, hp, steps, check_steps):
     return {"params": params, "stats": algo.stats(), "checks": guard.checks, "bytes": guard.bytes_sent}
 
 
+STEPS = 9
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("name, hp", [("cpsgd", {"period": 3}), ("dpsgd", {"topology": "ring"}),
-                                      ("parle", PARLE)])
-def test_the_check_costs_40_bytes_per_exchange_and_changes_nothing(name, hp):
-    steps = 9
-    on = run_ranks(_train_and_count, 3, name, hp, steps, True)
-    off = run_ranks(_train_and_count, 3, name, hp, steps, False)
-    exchanges = {"cpsgd": steps // 3, "dpsgd": steps, "parle": steps // PARLE["L"]}[name]
+@pytest.mark.parametrize("name, hp, find_unused, checks", [
+    ("cpsgd", {"period": 3}, False, STEPS // 3),  # one per sync
+    ("dpsgd", {"topology": "ring"}, False, STEPS),  # one per gossip step
+    ("parle", PARLE, False, STEPS // PARLE["L"]),  # one per outer step
+    ("cpsgd", {"period": 3}, True, STEPS),  # DDP communicates in every backward: one per step
+])
+def test_the_check_costs_40_bytes_a_time_and_changes_nothing(name, hp, find_unused, checks):
+    on = run_ranks(_train_and_count, 3, name, hp, STEPS, True, find_unused)
+    off = run_ranks(_train_and_count, 3, name, hp, STEPS, False, find_unused)
+    syncs = {"cpsgd": STEPS // 3, "dpsgd": STEPS, "parle": STEPS // PARLE["L"]}[name]
     for a, b in zip(on, off):
         assert torch.equal(a["params"], b["params"])
         assert a["stats"]["comm_bytes"] == b["stats"]["comm_bytes"]  # not the algorithm's traffic
-        assert a["stats"]["syncs"] == exchanges
-        assert a["checks"] == exchanges and a["bytes"] == 40 * exchanges
+        assert a["stats"]["syncs"] == b["stats"]["syncs"] == syncs
+        assert a["checks"] == checks and a["bytes"] == 40 * checks
         assert b["checks"] == 0
 
 
@@ -215,14 +221,14 @@ def test_pull_stability_bound_is_where_sgd_on_the_pull_starts_to_diverge():
     def grows(a: float, mu: float, nesterov: bool) -> bool:
         x = torch.ones(1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.SGD([x], lr=a, momentum=mu, nesterov=nesterov)
-        for _ in range(2000):
+        for _ in range(200):
             x.grad = x.detach().clone()  # the pull on a replica difference: curvature 1
             opt.step()
         return not bool(x.detach().abs() < 1)
 
     for mu, nesterov in [(0.9, True), (0.5, True), (0.9, False), (0.0, False)]:
         bound = commhooks.pull_stability_bound(mu, nesterov)
-        assert not grows(0.98 * bound, mu, nesterov) and grows(1.02 * bound, mu, nesterov)
+        assert not grows(0.9 * bound, mu, nesterov) and grows(1.1 * bound, mu, nesterov)
     assert abs(commhooks.pull_stability_bound(0.9, True) - 1.357) < 1e-3
 
 
