@@ -152,7 +152,7 @@ class ExchangeGuard:
         except RuntimeError as err:
             within = f"within {timeout.total_seconds():g} s" if timeout is not None else "within the collective timeout"
             raise StepMismatchError(
-                f"rank {dist.get_rank()} is at the {where}, but not every rank reached a matching "
+                f"rank {dist.get_rank()} waited at {where}, but not every rank reached a matching "
                 f"check {within}, or a peer left ({err}). {REMEDY}"
             ) from err
 
@@ -202,7 +202,7 @@ class ExchangeGuard:
                     what.append(f"buffers of {desc}")
             parts.append(f"rank {r}: {', '.join(what)}")
         return (
-            f"non-finite weights (NaN or inf) at the {where}: {'; '.join(parts)}. The run has "
+            f"non-finite weights (NaN or inf), found at {where}: {'; '.join(parts)}. The run has "
             "diverged; every rank stops here, before an exchange spreads them (lower the "
             "learning rate, or look at the loss)."
         )
