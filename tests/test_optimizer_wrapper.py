@@ -43,16 +43,28 @@ def _scaler() -> GradScaler:
     return GradScaler("cpu", init_scale=2.0**10)  # a power of two: scaling is exact
 
 
-def _four_loops(rank, world, steps):
-    """Each algorithm, four ways of stepping, the same MultiStepLR schedule."""
+WAYS = ("optimizer.step", "closure", "scaler.step", "scaler+unscale_+clip")
+
+
+def _ways_of_stepping(rank, world, steps):
+    """Each algorithm, stepped through algo.step() and four other ways, the same MultiStepLR schedule."""
     out = {}
     for name, hp in CASES.items():
-        for how in ("algo.step", "optimizer.step", "scaler.step", "scaler+unscale_+clip"):
+        for how in ("algo.step",) + WAYS:
             model, ddp, inner, algo = _build(name, hp)
             opt = inner if how == "algo.step" else algo.as_optimizer()
             sched = MultiStepLR(opt, milestones=[3], gamma=0.5)
             scaler = _scaler() if how.startswith("scaler") else None
             for k in range(steps):
+                if how == "closure":
+                    def closure(k=k):
+                        opt.zero_grad()
+                        loss = loss_of(ddp, rank, k)
+                        loss.backward()
+                        return loss
+                    opt.step(closure)
+                    sched.step()
+                    continue
                 opt.zero_grad()
                 loss = loss_of(ddp, rank, k)
                 (loss if scaler is None else scaler.scale(loss)).backward()
@@ -73,12 +85,12 @@ def _four_loops(rank, world, steps):
 
 @pytest.mark.timeout(120)
 def test_optimizer_step_is_algo_step_bit_for_bit_for_every_algorithm():
-    results = run_ranks(_four_loops, WORLD, STEPS, timeout=110)
+    results = run_ranks(_ways_of_stepping, WORLD, STEPS, timeout=110)
     for rank, res in enumerate(results):
         for name in CASES:
             ref = res[(name, "algo.step")]
             assert ref["stats"]["step"] == STEPS
-            for how in ("optimizer.step", "scaler.step", "scaler+unscale_+clip"):
+            for how in WAYS:
                 got = res[(name, how)]
                 assert torch.equal(got["params"], ref["params"]), f"{name}, {how}, rank {rank}"
                 for key in ("comm_bytes", "syncs", "step"):
