@@ -7,13 +7,22 @@ import math
 
 import pytest
 import torch
+from reference import (
+    OPT,
+    assert_matches,
+    batch,
+    flat,
+    loss_of,
+    make_ddp,
+    make_model,
+    simulate,
+)
+from spawn import run_ranks
 from torch.amp import GradScaler
 from torch.nn.utils import clip_grad_norm_
 from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR
 
 import commhooks
-from reference import OPT, assert_matches, batch, flat, loss_of, make_ddp, make_model, simulate
-from spawn import run_ranks
 
 WORLD, STEPS = 2, 8
 CASES = {
@@ -46,38 +55,41 @@ def _scaler() -> GradScaler:
 WAYS = ("optimizer.step", "closure", "scaler.step", "scaler+unscale_+clip")
 
 
+def _one_step(how, opt, algo, ddp, scaler, rank, k):
+    if how == "closure":
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(ddp, rank, k)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return
+    opt.zero_grad()
+    loss = loss_of(ddp, rank, k)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if how == "algo.step":
+        algo.step()
+    elif how == "optimizer.step":
+        opt.step()
+    else:
+        if how == "scaler+unscale_+clip":
+            scaler.unscale_(opt)
+            clip_grad_norm_(ddp.parameters(), max_norm=1e9)
+        scaler.step(opt)
+        scaler.update()
+
+
 def _ways_of_stepping(rank, world, steps):
     """Each algorithm, stepped through algo.step() and four other ways, the same MultiStepLR schedule."""
     out = {}
     for name, hp in CASES.items():
-        for how in ("algo.step",) + WAYS:
+        for how in ("algo.step", *WAYS):
             model, ddp, inner, algo = _build(name, hp)
             opt = inner if how == "algo.step" else algo.as_optimizer()
             sched = MultiStepLR(opt, milestones=[3], gamma=0.5)
             scaler = _scaler() if how.startswith("scaler") else None
             for k in range(steps):
-                if how == "closure":
-                    def closure(k=k):
-                        opt.zero_grad()
-                        loss = loss_of(ddp, rank, k)
-                        loss.backward()
-                        return loss
-                    opt.step(closure)
-                    sched.step()
-                    continue
-                opt.zero_grad()
-                loss = loss_of(ddp, rank, k)
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                if how == "algo.step":
-                    algo.step()
-                elif how == "optimizer.step":
-                    opt.step()
-                else:
-                    if how == "scaler+unscale_+clip":
-                        scaler.unscale_(opt)
-                        clip_grad_norm_(ddp.parameters(), max_norm=1e9)
-                    scaler.step(opt)
-                    scaler.update()
+                _one_step(how, opt, algo, ddp, scaler, rank, k)
                 sched.step()
             out[(name, how)] = {"params": flat(model.parameters()), "stats": algo.stats()}
     return out
@@ -144,7 +156,7 @@ def _overflow(rank, world, steps):
     out = {}
     for name, hp in CASES.items():
         for how in ("overflow", "never-happened"):
-            model, ddp, inner, algo = _build(name, hp)
+            model, ddp, _, algo = _build(name, hp)
             opt = algo.as_optimizer()
             scaler = _scaler()
             at_skip = {}
@@ -199,7 +211,7 @@ def test_grad_scaler_overflow_on_one_rank_is_skipped_by_every_rank():
 
 
 def _scheduled(rank, world, name, hp, steps, make_scheduler):
-    model, ddp, inner, algo = _build(name, hp)
+    model, ddp, _, algo = _build(name, hp)
     opt = algo.as_optimizer()
     sched = make_scheduler(opt)
     periods = []
@@ -260,44 +272,42 @@ def _grad_norm(optimizer) -> float:
     return math.sqrt(sum(float((p.grad ** 2).sum()) for g in optimizer.param_groups for p in g["params"]))
 
 
+def _clipped_run(name, rank, steps, max_norm, mode, coefs):
+    """``mode``: "before-step" clips after backward (records ``coefs``); "scaled-loss" scales step
+    k's loss by ``coefs[k]`` instead; "pre-hook" clips in a step pre-hook of the inner optimizer."""
+    model, ddp, inner, algo = _build(name, CASES[name])
+    opt = algo.as_optimizer()
+    params = list(ddp.parameters())
+    seen = []  # the gradient norm the inner optimizer steps with
+
+    def clip_total(optimizer, args, kwargs):
+        clip_grad_norm_(params, max_norm)  # a step pre-hook must return None
+
+    def record(optimizer, args, kwargs):
+        seen.append(_grad_norm(optimizer))
+
+    if mode == "pre-hook":
+        inner.register_step_pre_hook(clip_total)
+    inner.register_step_pre_hook(record)
+    for k in range(steps):
+        opt.zero_grad()
+        loss = loss_of(ddp, rank, k)
+        (coefs[k] * loss if mode == "scaled-loss" else loss).backward()
+        if mode == "before-step":
+            norm = float(clip_grad_norm_(params, max_norm))
+            coefs.append(min(1.0, max_norm / (norm + 1e-6)))  # clip_grad_norm_'s own coefficient
+        opt.step()
+    return flat(model.parameters()), seen
+
+
 def _clipping(rank, world, steps, max_norm):
     out = {}
     for name in ("easgd", "parle"):
-        # A: clip_grad_norm_ before opt.step() clips the data gradient; the pull is added after.
-        model, ddp, inner, algo = _build(name, CASES[name])
-        opt = algo.as_optimizer()
-        seen_a, coefs = [], []
-        inner.register_step_pre_hook(lambda o, args, kwargs: seen_a.append(_grad_norm(o)))
-        for k in range(steps):
-            opt.zero_grad()
-            loss_of(ddp, rank, k).backward()
-            norm = float(clip_grad_norm_(ddp.parameters(), max_norm))
-            coefs.append(min(1.0, max_norm / (norm + 1e-6)))  # clip_grad_norm_'s own coefficient
-            opt.step()
-        clipped = flat(model.parameters())
-        # B: no clipping; each step's loss scaled by A's coefficient instead.
-        model, ddp, inner, algo = _build(name, CASES[name])
-        opt = algo.as_optimizer()
-        for k in range(steps):
-            opt.zero_grad()
-            (coefs[k] * loss_of(ddp, rank, k)).backward()
-            opt.step()
-        scaled = flat(model.parameters())
-        # C: clipping in a step pre-hook of the inner optimizer clips data gradient + pull.
-        model, ddp, inner, algo = _build(name, CASES[name])
-        opt = algo.as_optimizer()
-
-        def clip_total(optimizer, args, kwargs, params=list(ddp.parameters())):
-            clip_grad_norm_(params, max_norm)  # a step pre-hook must return None
-
-        inner.register_step_pre_hook(clip_total)
-        seen_c = []
-        inner.register_step_pre_hook(lambda o, args, kwargs: seen_c.append(_grad_norm(o)))
-        for k in range(steps):
-            opt.zero_grad()
-            loss_of(ddp, rank, k).backward()
-            opt.step()
-        out[name] = {"clipped": clipped, "scaled": scaled, "total": flat(model.parameters()),
+        coefs = []
+        clipped, seen_a = _clipped_run(name, rank, steps, max_norm, "before-step", coefs)
+        scaled, _ = _clipped_run(name, rank, steps, max_norm, "scaled-loss", coefs)
+        total, seen_c = _clipped_run(name, rank, steps, max_norm, "pre-hook", coefs)
+        out[name] = {"clipped": clipped, "scaled": scaled, "total": total,
                      "coefs": coefs, "seen_a": seen_a, "seen_c": seen_c}
     return out
 
@@ -320,7 +330,7 @@ def _accumulated(rank, world, steps):
     """Two micro-batches per step (rows 0-1 under no_sync, then row 2), losses summing to loss_of."""
     out = {}
     for name, hp in CASES.items():
-        model, ddp, inner, algo = _build(name, hp)
+        model, ddp, _, algo = _build(name, hp)
         opt = algo.as_optimizer()
         for k in range(steps):
             opt.zero_grad()
