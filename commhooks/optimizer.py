@@ -12,8 +12,9 @@ Why a wrapper and not step hooks on the user's own optimizer (``register_step_pr
 ``register_step_post_hook``, as torchft does for local SGD):
 
 - ``GradScaler.step(opt)`` calls ``opt.step()`` only on ranks whose *own* gradients are finite.
-  With local gradients (every algorithm here but SSGD) an overflow is local, so hooks would run
-  the exchange on some ranks only: a hang, or collectives that pair the wrong tensors. An
+  With local gradients (every algorithm here after its warm-up, except SSGD and SSGD*) an
+  overflow stays on its rank (or replica), so hooks would run the exchange on some ranks only:
+  a hang, or collectives that pair the wrong tensors. An
   optimizer that sets ``_step_supports_amp_scaling = True`` is called on every rank with the
   scaler's ``found_inf`` instead, so the ranks can agree first (one 4-byte all-reduce). That flag
   cannot be set on the user's optimizer without changing what its own ``step()`` must do.
