@@ -137,10 +137,10 @@ def build(
         model: a ``DistributedDataParallel`` over the model; build it with
             ``broadcast_buffers=False`` for algorithms that keep replicas apart.
         optimizer: any ``torch.optim.Optimizer`` over ``model.parameters()``.
-        replica_size: ranks per replica (ALGORITHMS.md); default 1, and the world size for
+        replica_size: ranks per replica (docs/README.md); default 1, and the world size for
             ``entropysgd`` (which is Parle with a single replica).
         timeout: the collective timeout of the process groups created here.
-        **hparams: the algorithm's hyper-parameters, named as in ALGORITHMS.md
+        **hparams: the algorithm's hyper-parameters, named as in docs/README.md
             (see ``commhooks.config_class(name)``).
     """
     if name not in ALGORITHMS:

@@ -34,6 +34,8 @@ _STAT_TAGS = {
 
 # Curves also logged against images seen and seconds, so that runs of different algorithms line up.
 AXIS_TAGS = ("val/acc", "val/loss", "train/loss")
+BY_IMAGES = "by_images/"  # step = images processed by all ranks together
+BY_TIME = "by_time/"  # step = whole seconds since the run started (resumes included)
 
 
 def stat_tag(algo: str, key: str) -> str:
@@ -162,8 +164,8 @@ class Reporter:
                 continue
             self.writer.add_scalar(tag, f, step, walltime=walltime)
             if tag in AXIS_TAGS:
-                self.writer.add_scalar(f"by_images/{tag}", f, step * self.images_per_step, walltime=walltime)
-                self.writer.add_scalar(f"by_time/{tag}", f, seconds, walltime=walltime)
+                self.writer.add_scalar(BY_IMAGES + tag, f, step * self.images_per_step, walltime=walltime)
+                self.writer.add_scalar(BY_TIME + tag, f, seconds, walltime=walltime)
 
     def stats(self, step: int, algo: str, stats: dict[str, Any]) -> None:
         # the algorithm's own step counter is the x axis already

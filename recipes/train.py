@@ -38,7 +38,7 @@ def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
     """DDP with forward buffer sync only for synchronous algorithms.
 
     Otherwise rank 0's BatchNorm statistics would overwrite every replica's at each forward
-    (PITFALLS.md). torch 2.15 renames ``broadcast_buffers`` to ``forward_sync_buffers``.
+    (docs/README.md, "Buffers"). torch 2.15 renames ``broadcast_buffers`` to ``forward_sync_buffers``.
     """
     kwargs: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(sync_buffers)
     if rt.device.type == "cuda":
