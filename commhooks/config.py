@@ -156,7 +156,7 @@ class DPSGDConfig(CommonConfig):
     """DPSGD: gossip, each step mixes weights with neighbours (Zhang et al., OpenReview fStMpzKkjMT, eq. 2)."""
 
     topology: str = _hp(
-        "random-pair", choices=TOPOLOGIES, valid=" | ".join(TOPOLOGIES),
+        "random-pair", choices=TOPOLOGIES, valid='"random-pair", "ring" or "all"',
         help="neighbours: random-pair = a fresh random pairing each step, ring = both ring "
              "neighbours, all = every replica (the exact mean)")
     seed: int = _hp(0, valid="an integer",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import commhooks
-from commhooks.config import HParamDoc, describe, hparam_docs
+from commhooks.config import CommonConfig, HParamDoc, describe, hparam_docs
 
 from recipes.data import POLICIES, Dataset
 
@@ -415,6 +415,31 @@ def resolve_hparams(args: argparse.Namespace, *, steps_per_epoch: int, total_ste
         else:
             effective[f.name] = None
     return passed, effective, notes
+
+
+def _md_value(value: Any) -> str:
+    return f'`"{value}"`' if isinstance(value, str) else f"`{value}`"
+
+
+def hparam_markdown(algo: str, *, common: bool = False) -> str:
+    """``algo``'s hyper-parameter table as the docs/ pages show it, from the fields' own
+    documentation (tests/test_docs.py checks that the pages hold exactly this table).
+
+    Args:
+        algo: a name from ``commhooks.ALGORITHMS``.
+        common: the options every algorithm takes (buffers, ...) instead of ``algo``'s own.
+    """
+    shared = {f.name for f in dataclasses.fields(CommonConfig)}
+    rows = ["| keyword (flag) | meaning | default | recipes' default | valid values |",
+            "|---|---|---|---|---|"]
+    for doc in hparam_docs(algo):
+        if (doc.name in shared) != common:
+            continue
+        library = "required" if doc.required else _md_value(doc.default)
+        recipe = RECIPE_DEFAULTS.get((algo, doc.name), "the same")
+        flag = "--" + doc.name.replace("_", "-")
+        rows.append(f"| `{doc.name}` (`{flag}`) | {doc.help} | {library} | {recipe} | {doc.valid} |")
+    return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
