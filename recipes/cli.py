@@ -118,15 +118,6 @@ def hparam_fields() -> dict[str, list[tuple[str, dataclasses.Field, Any]]]:
     return out
 
 
-def _docs_by_field() -> dict[str, list[tuple[str, HParamDoc]]]:
-    """field name -> [(algorithm, its documentation)] over every algorithm."""
-    out: dict[str, list[tuple[str, HParamDoc]]] = {}
-    for algo in commhooks.ALGORITHMS:
-        for doc in hparam_docs(algo):
-            out.setdefault(doc.name, []).append((algo, doc))
-    return out
-
-
 def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
@@ -164,11 +155,12 @@ def _add_hparam_flags(parser: argparse.ArgumentParser) -> None:
         "algorithm hyper-parameters",
         "The update rules and papers: docs/README.md. Unset flags take the recipe's default, else "
         "the library's; the values in use are printed at start.")
-    hints = {name: tp for name, uses in hparam_fields().items() for _, _, tp in uses[:1]}
-    for name, uses in sorted(_docs_by_field().items(), key=lambda kv: kv[0].lower()):
+    docs = {(algo, doc.name): doc for algo in commhooks.ALGORITHMS for doc in hparam_docs(algo)}
+    for name, fields_ in sorted(hparam_fields().items(), key=lambda kv: kv[0].lower()):
         if name in _SHARED:
             continue
-        doc, tp = uses[0][1], hints[name]
+        uses = [(algo, docs[algo, name]) for algo, _, _ in fields_]
+        doc, tp = uses[0][1], fields_[0][2]
         flag = "--" + name.replace("_", "-")
         inner, _ = _unwrap(tp)
         if inner is bool:

@@ -74,7 +74,8 @@ def test_compare_three_digits_runs_writes_a_png_and_a_table(tmp_path):
         if algo == "cpsgd":
             argv += ["--period", "4"]
         runs[algo] = (logdir, run_ranks(_train, 2, argv, timeout=120)[0])
-    png, md = tmp_path / "cmp.png", tmp_path / "cmp.md"
+    png = tmp_path / "cmp.png"
+    md = png.with_suffix(".md")  # the table beside the picture
     assert compare.main([str(d) for d, _ in runs.values()] + ["--out", str(png), "--table", str(md)]) == 0
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
