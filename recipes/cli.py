@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import re
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -174,10 +175,27 @@ def _add_hparam_flags(parser: argparse.ArgumentParser) -> None:
                                help=_hparam_help(uses))
 
 
+_QUIET_RANK_DELAY_S = 3.0
+
+
+def _is_first_rank() -> bool:
+    # Under torchrun every rank parses the same command line: one copy of help or an error is enough.
+    return os.environ.get("RANK", "0") == "0"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake gets a short answer: the error, a guess, where help is (no usage wall)."""
+    """argparse, but a mistake gets a short answer: the error, a guess, where help is (no usage
+    wall); under torchrun only rank 0 prints."""
+
+    def print_help(self, file: typing.IO[str] | None = None) -> None:
+        if _is_first_rank():
+            super().print_help(file)
 
     def error(self, message: str) -> typing.NoReturn:
+        if not _is_first_rank():
+            # torchrun stops every rank once one exits: let rank 0 say what is wrong first
+            time.sleep(_QUIET_RANK_DELAY_S)
+            self.exit(2)
         hint = ""
         if message.startswith("unrecognized arguments:"):
             flags = [s for a in self._actions for s in a.option_strings]

@@ -153,3 +153,14 @@ def test_launch_sets_the_thread_count_itself(monkeypatch, nproc, expected):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's setting wins
     launch_cli.run(launch_cli.parse_args(["--nproc-per-node", nproc, "-m", "recipes.mnist"]))
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_under_torchrun_only_rank_0_prints_help_and_errors(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_QUIET_RANK_DELAY_S", 0.0)
+    for rank, speaks in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in (["--help"], ["--datset", "digits"]):
+            with pytest.raises(SystemExit):
+                cli.parse_args(MNIST, argv)
+            out = capsys.readouterr()
+            assert bool(out.out + out.err) == speaks, (rank, argv)
