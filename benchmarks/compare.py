@@ -9,7 +9,7 @@ Markdown table (final accuracy, time, MB, syncs, steps, images), also printed. T
 ``by_time/val/acc`` axis: seconds since the run started, earlier attempts of a resumed run
 included. Bytes are ``comm/bytes`` at the step of each evaluation: the algorithm's own traffic
 from one rank, cumulative (docs/metrics.md). Plotting needs matplotlib:
-``pip install 'commhooks[plot]'``.
+``pip install 'commhooks[bench]'``.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plot(runs, args.out)
     except ImportError:
-        print(f"table written to {table_path}; the plot needs matplotlib: pip install 'commhooks[plot]'",
+        print(f"table written to {table_path}; the plot needs matplotlib: pip install 'commhooks[bench]'",
               file=sys.stderr)
         return 2
     print(f"wrote {args.out} and {table_path}")

@@ -24,6 +24,7 @@ from .comm import CommMeter, Topology, replica_max_, replica_mean_
 from .consistency import check_same_across_ranks
 from .flat import FlatWeights
 from .grad_hooks import GradSyncState
+from .optimizer import AlgorithmOptimizer, guard_bare_steps
 
 
 @dataclass(kw_only=True)
@@ -75,6 +76,8 @@ class Component:
 class Algorithm:
     """A communication algorithm attached to a DDP model; use :meth:`step` instead of ``optimizer.step()``.
 
+    Or step :meth:`as_optimizer`, a ``torch.optim.Optimizer`` whose ``step()`` is :meth:`step`.
+
     Args:
         name: the algorithm's name in ``commhooks.ALGORITHMS``.
         model: the DDP model (its comm hook is already registered).
@@ -103,6 +106,10 @@ class Algorithm:
         self.replicas_identical = replicas_identical or ctx.topo.num_replicas == 1
         self.k = 0
         self._prepare()
+        # optimizer.py: a bare optimizer.step() outside step() raises; as_optimizer() wraps it.
+        self._inside_step = False
+        self.bare_step_guard = guard_bare_steps(self)
+        self._as_optimizer: AlgorithmOptimizer | None = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -122,11 +129,25 @@ class Algorithm:
         k = self.k
         for c in self.components:
             c.before_optimizer(k)
-        self.optimizer.step()
+        self._inside_step = True  # the only call the bare-step guard lets through
+        try:
+            self.optimizer.step()
+        finally:
+            self._inside_step = False
         for c in self.components:
             c.after_optimizer(k)
         self.k = k + 1
         self._prepare()
+
+    def as_optimizer(self) -> AlgorithmOptimizer:
+        """A ``torch.optim.Optimizer`` whose ``step()`` is :meth:`step` (the same object every call).
+
+        Hand it to the training loop, ``GradScaler.step``, LR schedulers and trainer libraries
+        in place of the optimizer given to ``build`` (docs/usage.md).
+        """
+        if self._as_optimizer is None:
+            self._as_optimizer = AlgorithmOptimizer(self)
+        return self._as_optimizer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

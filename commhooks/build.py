@@ -128,6 +128,10 @@ def build(
 ) -> Algorithm:
     """Attach algorithm ``name`` to a DDP model; call the result's ``step()`` instead of ``optimizer.step()``.
 
+    Or step ``algo.as_optimizer()``, an optimizer whose ``step()`` is ``algo.step()``, which
+    GradScaler, LR schedulers and trainer libraries accept (docs/usage.md). From here on
+    ``optimizer.step()`` itself raises: a bare step would skip the algorithm's exchange.
+
     Collective: every rank calls it with the same arguments (checked; a mismatch raises on every
     rank). It relocates the model's parameters and buffers into flat buffers, creates the replica
     process groups and registers the DDP communication hook.

@@ -233,10 +233,14 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
     log_every = args.log_interval or max(1, B // 10)
     lr_kw = dict(base=args.lr, milestones=args.lr_milestones, decay=args.lr_decay, steps_per_epoch=B)
 
+    evals: list[dict[str, float]] = []  # accuracy against training time, for benchmarks
+
     def _validate(prefix: str) -> tuple[float, float]:
         """Evaluate the consensus model (collective), log it, print one line on rank 0."""
+        seconds = time.perf_counter() - t_train  # training time so far (earlier evals included)
         with algo.consensus():
             vl, va = evaluate(ddp.module, data, rt, max(256, args.batch_size), bf16)
+        evals.append({"step": step, "epoch": step / B, "seconds": seconds, "val_acc": va})
         stats = algo.stats()
         report.scalars(step, {"val/loss": vl, "val/acc": va})
         report.stats(step, args.algo, stats)
@@ -313,7 +317,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         "comm_seconds": stats.get("comm_seconds"), "consensus_distance": stats.get("consensus_distance"),
         "wall_seconds": wall, "train_seconds": train_wall,
         "images_per_second": steps_this_run * args.batch_size * rt.world_size / max(train_wall, 1e-9),
-        "hparams": effective, "adapted": notes,
+        "hparams": effective, "adapted": notes, "evals": evals,
         "training": {"batch_size": args.batch_size, "lr": args.lr, "lr_milestones": args.lr_milestones,
                      "lr_decay": args.lr_decay, "momentum": args.momentum, "nesterov": args.nesterov,
                      "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width,

@@ -26,7 +26,7 @@ FORBIDDEN = re.compile(r"ALGORITHMS\.md|PITFALLS\.md|DESIGN\.md|\bshared/|\bseed
 DOC_PATH = re.compile(r"(?<![\w/.:-])((?:\.\./|\./)?(?:[\w.-]+/)*[\w.-]+\.md|docs/)(?:#([\w-]+))?")
 MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # Markdown files that tools write (outputs named in their help), not documents to cite.
-OUTPUTS = {"compare.md", "FILE.md"}
+OUTPUTS = {"compare.md", "FILE.md", "results.md"}
 
 
 def _shipped_files() -> list[Path]:
@@ -110,7 +110,7 @@ def test_the_checks_catch_what_they_should():
 def test_readme_links_the_docs_and_the_index_links_every_page():
     assert "docs/README.md" in (ROOT / "README.md").read_text()
     index = (DOCS / "README.md").read_text()
-    for page in sorted(set(PAGES.values()) | {"metrics.md", "recipes.md"}):
+    for page in sorted(set(PAGES.values()) | {"metrics.md", "recipes.md", "usage.md"}):
         assert f"]({page})" in index, page
 
 
