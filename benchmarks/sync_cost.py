@@ -1,4 +1,4 @@
-"""What a weight synchronisation costs, side by side in one run (DESIGN.md, "Performance aims").
+"""What a weight synchronisation costs, side by side in one run (README.md, "Benchmarks").
 
     torchrun --standalone --nproc_per_node=2 -m benchmarks.sync_cost --model resnet18
 

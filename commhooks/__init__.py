@@ -3,7 +3,7 @@
     algo = commhooks.build("parle", ddp_model, optimizer, replica_size=1, **hparams)
     loss.backward(); algo.step()      # or: opt = algo.as_optimizer(); ...; opt.step()
 
-The algorithms and their exact update rules are those of ALGORITHMS.md; the building blocks
+The algorithms and their exact update rules are written out in docs/README.md; the building blocks
 (flat buffers, gradient hooks, step wrappers) are importable for your own compositions.
 """
 

@@ -1,6 +1,6 @@
 """The object ``commhooks.build`` returns: an optimizer step wrapped by composable components.
 
-Every algorithm in ALGORITHMS.md is a short list of :class:`Component` s. One call of
+Every algorithm in docs/README.md is a short list of :class:`Component` s. One call of
 :meth:`Algorithm.step` is::
 
     for c in components: c.before_optimizer(k)   # mix weights, add pulls to gradients
@@ -139,7 +139,7 @@ class Algorithm:
             c.prepare(self.k)
 
     def step(self) -> None:
-        """The user's optimizer step plus this algorithm's exchange (ALGORITHMS.md)."""
+        """The user's optimizer step plus this algorithm's exchange (docs/README.md)."""
         self.ctx.grad_state.end_backward()
         k = self.k
         for c in self.components:
@@ -168,7 +168,7 @@ class Algorithm:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def stats(self) -> dict[str, float]:
-        """Communication and consensus figures (ALGORITHMS.md, last section), plus ``step``."""
+        """Communication and consensus figures (docs/metrics.md), plus ``step``."""
         out = self.ctx.meter.as_dict()
         for c in self.components:
             out.update(c.stats())

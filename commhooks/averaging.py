@@ -1,7 +1,7 @@
 """Periodic weight averaging (CPSGD, ADPSGD) and the gradient scope with its warm-up.
 
 Jiang & Agrawal, "Adaptive Periodic Averaging", Algorithm 1 (constant period) and Algorithm 2
-(adaptive period) — seed 004. Not to be confused with "AD-PSGD" (asynchronous decentralized
+(adaptive period), arXiv 2007.06134. Not to be confused with "AD-PSGD" (asynchronous decentralized
 parallel SGD) elsewhere in the literature.
 """
 
@@ -41,7 +41,7 @@ def synchronize_weights(ctx: Context, scratch: list[torch.Tensor]) -> float:
     """Replace every replica's weights by their average; return ``S = mean_a ||x̄ - x_a||^2``.
 
     One in-place collective per flat group (plus a max for integer buffers), and one scalar
-    all-reduce for ``S`` (ALGORITHMS.md, ADPSGD step 2). ``S`` is over parameters only; the local
+    all-reduce for ``S`` (docs/periodic.md, ADPSGD step 2). ``S`` is over parameters only; the local
     parameters are kept in ``scratch`` (one device copy) and turned into ``x_a - x̄`` in place.
     """
     weights, topo, meter = ctx.weights, ctx.topo, ctx.meter
@@ -73,7 +73,7 @@ def record_distance(ctx: Context, local_squared: float) -> float:
 
 @dataclass(kw_only=True)
 class ConstantPeriod:
-    """CPSGD: synchronise every ``period`` local steps (seed 004, Algorithm 1)."""
+    """CPSGD: synchronise every ``period`` local steps (arXiv 2007.06134, Algorithm 1)."""
 
     period: int
 
@@ -83,7 +83,7 @@ class ConstantPeriod:
 
 @dataclass(kw_only=True)
 class AdaptivePeriod:
-    """ADPSGD's controller (seed 004, Algorithm 2; ALGORITHMS.md, ADPSGD step 4).
+    """ADPSGD's controller (arXiv 2007.06134, Algorithm 2; docs/periodic.md, ADPSGD step 4).
 
     Before ``sample_steps`` it only records ``S / lr`` samples whose mean is ``C2``; after, it
     raises the period when ``S < low * lr * C2`` and lowers it when ``S > high * lr * C2``.

@@ -144,7 +144,7 @@ def build(
         model: a ``DistributedDataParallel`` over the model; build it with
             ``broadcast_buffers=False`` for algorithms that keep replicas apart.
         optimizer: any ``torch.optim.Optimizer`` over ``model.parameters()``.
-        replica_size: ranks per replica (ALGORITHMS.md); default 1, and the world size for
+        replica_size: ranks per replica (docs/README.md); default 1, and the world size for
             ``entropysgd`` (which is Parle with a single replica).
         timeout: the collective timeout of the process groups created here.
         check_steps: before every weight exchange and ``consensus()``, check (40 bytes, one
@@ -156,7 +156,7 @@ def build(
             (one pass over the weights and one host-device sync per exchange; DPSGD exchanges
             at every step) and raise ``commhooks.NonFiniteError`` on every rank. Without it,
             call ``algo.check_finite()`` where you log or evaluate.
-        **hparams: the algorithm's hyper-parameters, named as in ALGORITHMS.md
+        **hparams: the algorithm's hyper-parameters, named as in docs/README.md
             (see ``commhooks.config_class(name)``).
     """
     if name not in ALGORITHMS:

@@ -1,6 +1,6 @@
 """Replica topology, process groups and the flat-buffer collectives every algorithm shares.
 
-Ranks are grouped into ``n = W / m`` replicas of ``m`` consecutive ranks (ALGORITHMS.md,
+Ranks are grouped into ``n = W / m`` replicas of ``m`` consecutive ranks (docs/README.md,
 "Notation"). Ranks of one replica hold identical weights, so the mean over *all* ``W`` ranks of a
 weight tensor equals the mean over replicas: weight averaging always uses the global group and
 needs no cross-replica groups.

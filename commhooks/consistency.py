@@ -1,7 +1,7 @@
 """Fail loudly, on every rank, when ranks disagree (configuration, step counters, layouts).
 
 Ranks that disagree on *when* or *what* to communicate hang or, worse, mix the wrong tensors of
-the same size (PITFALLS.md). Each field is hashed to an integer and compared with a MIN and a MAX
+the same size (docs/README.md, "Ranks must agree"). Each field is hashed to an integer and compared with a MIN and a MAX
 all-reduce: two tiny collectives that every rank runs, so a mismatch is an error everywhere,
 never a hang, and works on gloo and NCCL alike (no object collectives).
 """

@@ -1,8 +1,8 @@
 """Elastic coupling to a reference: the scoping schedule, the reference average, Elastic-SGD.
 
-Chaudhari et al., "Parle: parallelizing stochastic gradient descent" (seed 000): Elastic-SGD is
+Chaudhari et al., "Parle: parallelizing stochastic gradient descent" (arXiv 1707.00424): Elastic-SGD is
 eq. 7, scoping Section 2.4 / eq. 9. We use the *fresh* average of the replicas as the reference
-(ALGORITHMS.md explains why: same communication, exact reductions — with one replica the pull is
+(docs/elastic.md explains why: same communication, exact reductions — with one replica the pull is
 exactly zero).
 """
 
@@ -18,7 +18,7 @@ from .comm import PendingMean, replica_max_, replica_mean_, start_replica_mean
 
 
 def scoped(coef: float, coef_max: float, steps_per_epoch: int | None, clock: int, scoping: bool) -> float:
-    """``min(coef_max, coef * (1 - 1/(2B)) ** (-clock))`` (seed 000, eq. 9), or ``coef`` unscoped.
+    """``min(coef_max, coef * (1 - 1/(2B)) ** (-clock))`` (Parle, eq. 9), or ``coef`` unscoped.
 
     The paper anneals the inverse of our coefficient; ours therefore grows, clipped at ``coef_max``.
     """
@@ -84,7 +84,7 @@ def add_to_grads(ctx: Context, deltas: list[torch.Tensor], alpha: float) -> None
 
 
 class ElasticPull(Component):
-    """Elastic-SGD (seed 000, eq. 7): ``g_a = grad + rho_k (x_a - x~)``, ``x~`` refreshed every ``period``.
+    """Elastic-SGD (Parle, arXiv 1707.00424, eq. 7): ``g_a = grad + rho_k (x_a - x~)``, ``x~`` refreshed every ``period``.
 
     Args:
         ctx: the shared context.

@@ -1,4 +1,4 @@
-"""Entropy-SGD inner loops with elastically coupled anchors: Parle (seed 000, eq. 8; eq. 6).
+"""Entropy-SGD inner loops with elastically coupled anchors: Parle (arXiv 1707.00424, eq. 8; eq. 6).
 
 The model's parameters hold the inner iterate ``y_a``. Per replica: the anchor ``x_a``, the
 running average ``z_a`` and the anchor's momentum ``v_a``. Step ``k`` (``s = k // L``):
@@ -23,7 +23,7 @@ from .elastic import ReferenceAverage, add_to_grads, average_buffers, scoped
 
 
 class ProximalInnerLoop(Component):
-    """The Parle/Entropy-SGD step wrapper (ALGORITHMS.md, "Entropy-SGD and Parle").
+    """The Parle/Entropy-SGD step wrapper (docs/parle.md).
 
     Args:
         ctx: the shared context.

@@ -1,4 +1,4 @@
-"""Decentralized parallel SGD by gossip with random neighbours (DPSGD; seed 002, eq. 2).
+"""Decentralized parallel SGD by gossip with random neighbours (DPSGD; Zhang et al., OpenReview fStMpzKkjMT, eq. 2).
 
 Step ``k`` of replica ``a``: the gradient ``g_a`` is taken at the replica's own weights ``x_a``,
 the weights are mixed with a doubly stochastic ``M(k)``, and the step is applied to the mixed

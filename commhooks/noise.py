@@ -1,4 +1,4 @@
-"""Isotropic weight noise with identical draws on every rank (SSGD*, seed 002, Sections 2.1, 4.3).
+"""Isotropic weight noise with identical draws on every rank (SSGD*, OpenReview fStMpzKkjMT, Sections 2.1, 4.3).
 
 The noise is a function of ``(seed, step)`` alone, so every rank draws the same vector without
 communicating and SSGD's replicas stay identical.

@@ -1,4 +1,4 @@
-"""A single-process simulation of ALGORITHMS.md, and the distributed run it is compared with.
+"""A single-process simulation of the rules in docs/, and the distributed run it is compared with.
 
 The simulation is a loop over replicas with one plain model and one optimizer each, written
 from the specification and independent of ``commhooks`` (apart from the definition of the
@@ -153,7 +153,7 @@ class Simulation:
 
 def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
              opt: dict = OPT, schedule=None) -> tuple[Simulation, list]:
-    """Run ALGORITHMS.md's rule for ``name``; return the simulation and ADPSGD's period trace.
+    """Run the docs/ rule for ``name``; return the simulation and ADPSGD's period trace.
 
     ``schedule(k)``, if given, is the dict of param-group values (``lr``, ``momentum``) in force
     at step ``k``, as an LR scheduler stepped after every optimizer step leaves them; the rules

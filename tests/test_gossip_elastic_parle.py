@@ -1,4 +1,4 @@
-"""DPSGD, Elastic-SGD, Entropy-SGD and Parle against the simulation of ALGORITHMS.md."""
+"""DPSGD, Elastic-SGD, Entropy-SGD and Parle against the simulation of their rules (docs/)."""
 
 import pytest
 import torch
