@@ -8,10 +8,19 @@ Layout of a checkpoint directory::
         COMPLETE                              # written by rank 0 after every rank has written
 
 Every file is written to a temporary name, fsynced and renamed, so a crash leaves either the
-old file or the new one. A step counts only when COMPLETE exists; `latest` picks the newest such
-step, so a crash in the middle of a save falls back to the previous complete one. The last
-`keep` complete steps are kept. The directory must be visible to every node (shared filesystem):
-after a restart torchrun may hand a rank number to a process on another node.
+old file or the new one. A step counts only when COMPLETE exists, and COMPLETE is written only
+after every rank has checked that its state is finite (a diverged run raises `NonFiniteError`
+instead of saving). `latest` picks the newest complete step whose files every rank can load;
+a crash in the middle of a save, a truncated or corrupt file, or a file that is not a plain
+checkpoint falls back, on every rank together, to the previous complete step, and says which
+file was skipped and why. After a save, that step and the `keep - 1` complete steps before it
+are kept, so a good step is never rotated out by leftovers of another attempt.
+
+Files are read with `torch.load(weights_only=True)`: tensors, numbers, strings and plain
+containers, nothing that can run code. Everything this module writes is of those types (the
+NumPy RNG state is stored as a tensor); `extra` must be too, or its types be named in
+`Checkpointer(safe_globals=...)`. The directory must be visible to every node (shared
+filesystem): after a restart torchrun may hand a rank number to a process on another node.
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+import sys
+import zipfile
+from collections.abc import Iterable, Mapping
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +42,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
+from .finite import NonFiniteError, named_tensors, nonfinite
 from .runtime import Runtime
 
-__all__ = ["Checkpointer", "Resume"]
+__all__ = ["Checkpointer", "NonFiniteError", "Resume"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
@@ -78,9 +91,12 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    # NumPy's state holds an ndarray: stored as a tensor, it loads without allow-listing NumPy.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -90,16 +106,52 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load(path: Path) -> dict[str, Any]:
-    # weights_only=False: the files hold RNG states (tuples, NumPy arrays) and loader states, and
-    # are written by this module into the user's own checkpoint directory.
-    return torch.load(path, map_location="cpu", weights_only=False)
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(obj: Any, where: str, allowed: tuple[type, ...]) -> None:
+    """Raise TypeError if `obj` holds something `torch.load(weights_only=True)` would refuse."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _check_plain(k, where, allowed)
+            _check_plain(v, f"{where}[{k!r}]", allowed)
+    elif isinstance(obj, (list, tuple, set)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]", allowed)
+    elif not isinstance(obj, _PLAIN + allowed):
+        raise TypeError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only "
+            "tensors, numbers, strings and dicts/lists/tuples of them (pass the type in "
+            "Checkpointer(safe_globals=[...]) to allow it)"
+        )
+
+
+def _load(path: Path, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
+    """Read a checkpoint file with weights-only unpickling: data only, never code."""
+    with torch.serialization.safe_globals(list(safe_globals)):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _why_unloadable(path: Path, error: BaseException) -> str:
+    """A one-line reason why `_load(path)` failed, for the message naming the skipped file."""
+    text = str(error)
+    for line in text.splitlines():
+        if "Unsupported global" in line:  # a pickle that asks to import something
+            what = line.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in line else line.strip()
+            return (f"refused by weights-only loading: it asks for {what}, which no checkpoint "
+                    "written here contains (a foreign or tampered file)")
+    first = (text.strip().splitlines() or [""])[0][:200]
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        return (f"truncated or corrupt: not a complete torch.save archive "
+                f"({path.stat().st_size} bytes)")
+    return f"{type(error).__name__}: {first}"
 
 
 class Checkpointer:
@@ -108,15 +160,25 @@ class Checkpointer:
     Args:
         directory: where the `step_*` folders live; created if missing. Shared by all nodes.
         runtime: the `Runtime` from `init_distributed`.
-        keep: how many complete steps to keep (>= 1); older ones are deleted after each save.
+        keep: how many complete steps to keep (>= 1): after a save, that step and the `keep - 1`
+            complete steps before it; older ones are deleted.
+        safe_globals: classes beyond tensors, numbers, strings and plain containers that `extra`
+            may hold (allow-listed for weights-only loading); none by default.
     """
 
-    def __init__(self, directory: str | os.PathLike, runtime: Runtime, keep: int = 2) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        runtime: Runtime,
+        keep: int = 2,
+        safe_globals: Iterable[type] = (),
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.runtime = runtime
         self.keep = keep
+        self.safe_globals = tuple(safe_globals)
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def step_dir(self, step: int) -> Path:
@@ -132,6 +194,18 @@ class Checkpointer:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.runtime.device)
         dist.all_reduce(flag, op=ReduceOp.MIN)
         return bool(flag.item())
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (picklable), on every rank; only on the rare failure paths."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [value]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+
+    def _say(self, message: str) -> None:
+        if self.runtime.is_main:
+            print(f"checkpoint: {message}", file=sys.stderr, flush=True)
 
     def _broadcast_ints(self, values: list[int]) -> list[int]:
         if not dist.is_initialized():
@@ -151,17 +225,25 @@ class Checkpointer:
         return sorted(found)
 
     @staticmethod
-    def _complete_world_size(path: Path) -> int | None:
-        """The world size recorded in a step's marker, or None if the step is not complete."""
+    def _completeness(path: Path) -> tuple[int | None, str]:
+        """(world size in the step's marker, "") if the step is complete, else (None, why not)."""
+        if not (path / MARKER).exists():
+            return None, f"incomplete (no {MARKER} marker: its save was interrupted)"
         try:
             meta = json.loads((path / MARKER).read_text())
             world_size = int(meta["world_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return None, f"unreadable {MARKER} marker ({type(e).__name__})"
         files = [_rank_file(r) for r in range(world_size)] + [AVERAGE]
-        if not all((path / f).is_file() for f in files):
-            return None
-        return world_size
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            return None, f"incomplete ({', '.join(missing)} missing)"
+        return world_size, ""
+
+    @classmethod
+    def _complete_world_size(cls, path: Path) -> int | None:
+        """The world size recorded in a step's marker, or None if the step is not complete."""
+        return cls._completeness(path)[0]
 
     @staticmethod
     def _remove(path: Path) -> None:
@@ -170,17 +252,18 @@ class Checkpointer:
         (path / MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
-    def _prune(self) -> None:
+    def _prune(self, saved: int) -> None:
+        """Keep `saved` and the `keep - 1` complete steps before it; delete older steps.
+
+        Counting back from the step just written (finite, complete) means a good step is never
+        pushed out by newer folders that this run did not write. Newer ones (an earlier attempt
+        that got further, a file that would not load) stay until this run rewrites them.
+        """
         steps = self._steps()
-        complete = [(s, p) for s, p in steps if self._complete_world_size(p) is not None]
-        if not complete:
-            return
-        newest = complete[-1][0]
-        kept = {s for s, _ in complete[-self.keep :]}
+        complete = [s for s, p in steps if s <= saved and self._complete_world_size(p) is not None]
+        kept = set(complete[-self.keep :]) | {saved}
         for s, p in steps:
-            # Older incomplete steps are leftovers of crashed saves. Newer ones (a crashed
-            # earlier attempt that got further) stay until this run reaches and rewrites them.
-            if s not in kept and s <= newest:
+            if s < saved and s not in kept:  # also older incomplete steps: crashed saves
                 self._remove(p)
 
     # -- public API --------------------------------------------------------------------------
@@ -210,7 +293,11 @@ class Checkpointer:
         rt = self.runtime
         folder = self.step_dir(step)
         error: BaseException | None = None
-        if rt.is_main:
+        try:
+            _check_plain(extra or {}, "extra", self.safe_globals)
+        except TypeError as e:
+            error = e
+        if rt.is_main and error is None:
             try:
                 if folder.exists():  # a crashed earlier attempt at this step (or a re-save)
                     self._remove(folder)
@@ -219,25 +306,44 @@ class Checkpointer:
                 error = e
         # Also a barrier: no rank writes into the folder before rank 0 has cleared it.
         if not self._all_ok(error is None):
-            raise RuntimeError(f"checkpoint step {step}: rank 0 could not prepare {folder}") from error
+            self._abandon(folder)
+            if isinstance(error, TypeError):
+                raise error
+            raise RuntimeError(
+                f"checkpoint step {step}: "
+                + (f"could not prepare {folder}: {error!r}" if error else "failed on another rank")
+            ) from error
 
         plain = _unwrap(model)
         # Collective (every rank takes part); the local weights come back unchanged on exit.
         with algorithm.consensus():
             average = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
 
+        state = {
+            "step": step,
+            "rank": rt.rank,
+            "world_size": rt.world_size,
+            "model": plain.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "algorithm": algorithm.state_dict(),
+            "loader": loader.state_dict() if loader is not None else None,
+            "rng": _rng_state(),
+            "extra": extra or {},
+        }
+        # A diverged state is never written: it would become the step a restart resumes from.
+        bad = nonfinite(chain(
+            named_tensors(state["model"], "model"),
+            named_tensors(state["optimizer"]["state"], "optimizer.state"),
+            named_tensors(state["algorithm"], "algorithm"),
+            named_tensors(average if rt.is_main else {}, "average"),
+        ))
+        if not self._all_ok(not bad):
+            reports = self._gather(bad)
+            self._abandon(folder)
+            where = "; ".join(f"rank {r}: {_some(names)}" for r, names in enumerate(reports) if names)
+            raise NonFiniteError(f"step {step}: non-finite values, checkpoint not written ({where})")
+
         try:
-            state = {
-                "step": step,
-                "rank": rt.rank,
-                "world_size": rt.world_size,
-                "model": plain.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "algorithm": algorithm.state_dict(),
-                "loader": loader.state_dict() if loader is not None else None,
-                "rng": _rng_state(),
-                "extra": extra or {},
-            }
             _atomic_save(state, folder / _rank_file(rt.rank))
             if rt.is_main:
                 _atomic_save(
@@ -255,26 +361,82 @@ class Checkpointer:
                 + (f"this rank failed: {error!r}" if error else "another rank failed to write")
             ) from error
         if rt.is_main:
-            marker = {"step": step, "world_size": rt.world_size}
+            marker = {"step": step, "world_size": rt.world_size, "finite": True}
             _atomic_write(folder / MARKER, lambda f: f.write(json.dumps(marker).encode()))
-            self._prune()
+            self._prune(step)
+
+    def _abandon(self, folder: Path) -> None:
+        """Rank 0 removes a step folder a failed save created (a no-op elsewhere)."""
+        if self.runtime.is_main and folder.exists():
+            self._remove(folder)
+
+    def _try_load(self, path: Path, step: int, world_size: int) -> tuple[dict | None, str | None]:
+        """(state, None) if `path` loads and is the expected file of this step, else (None, why)."""
+        try:
+            state = _load(path, self.safe_globals)
+        except Exception as e:  # noqa: BLE001 - any reason makes the file unusable; named below
+            return None, _why_unloadable(path, e)
+        expect: dict[str, Any] = {"step": step, "world_size": world_size}
+        keys = {"model", "extra"}
+        if path.name != AVERAGE:
+            expect["rank"] = self.runtime.rank
+            keys |= {"optimizer", "algorithm", "loader", "rng"}
+        if not isinstance(state, dict):
+            return None, f"holds a {type(state).__name__}, not a checkpoint"
+        wrong = [f"{k} {state.get(k)!r} (expected {v!r})" for k, v in expect.items() if state.get(k) != v]
+        missing = sorted(keys - set(state))
+        if wrong or missing:
+            return None, "not this step's file: " + ", ".join(wrong + [f"no {k!r}" for k in missing])
+        return state, None
 
     def latest(self) -> Resume | None:
-        """The newest complete checkpoint, or None. Collective: rank 0 decides, all ranks agree."""
-        step, world_size = -1, 0
-        if self.runtime.is_main:
-            for s, p in reversed(self._steps()):
-                ws = self._complete_world_size(p)
+        """The newest complete checkpoint that every rank can load, or None. Collective.
+
+        Rank 0 proposes complete steps, newest first; every rank loads the file it needs (its
+        own, or the replica average after a resize) and all agree on the first step that loads
+        everywhere. Skipped steps are named on rank 0's stderr, with the file and the reason.
+        """
+        rt = self.runtime
+        entries = list(reversed(self._steps())) if rt.is_main else []
+        tried = 0
+        while True:
+            step, world_size = -1, 0
+            while entries:  # rank 0: the next complete step; incomplete newer ones are reported
+                s, p = entries.pop(0)
+                ws, why = self._completeness(p)
                 if ws is not None:
                     step, world_size = s, ws
                     break
-        step, world_size = self._broadcast_ints([step, world_size])
-        if step < 0:
-            return None
-        return Resume(
-            folder=self.step_dir(step), step=step, saved_world_size=world_size,
-            runtime=self.runtime,
-        )
+                self._say(f"skipping {p.name}: {why}")
+            step, world_size = self._broadcast_ints([step, world_size])
+            if step < 0:
+                if tried:
+                    self._say("no usable checkpoint left: starting from scratch")
+                return None
+            folder = self.step_dir(step)
+            name = AVERAGE if world_size != rt.world_size else _rank_file(rt.rank)
+            state, why = self._try_load(folder / name, step, world_size)
+            if self._all_ok(why is None):
+                if tried:
+                    self._say(f"resuming from {folder.name}, the newest step every rank can load")
+                return Resume(folder=folder, step=step, saved_world_size=world_size,
+                              runtime=rt, state=state, safe_globals=self.safe_globals)
+            for r, (file, reason) in enumerate(self._gather((name, why))):
+                if reason is not None:
+                    self._say(f"skipping {folder.name}: {file} (needed by rank {r}): {reason}")
+            tried += 1
+
+    def newest_step(self) -> int | None:
+        """The newest complete step on disk (rank 0's view; no collective), or None."""
+        for s, p in reversed(self._steps()):
+            if self._complete_world_size(p) is not None:
+                return s
+        return None
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 class Resume:
@@ -289,25 +451,37 @@ class Resume:
         step: the saved step.
         saved_world_size: the world size that wrote it.
         runtime: this process's `Runtime`.
+        state: the file this rank needs, already loaded (its own, or the average when resized).
+        safe_globals: extra classes allowed when a file is loaded here.
     """
 
-    def __init__(self, *, folder: Path, step: int, saved_world_size: int, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        *,
+        folder: Path,
+        step: int,
+        saved_world_size: int,
+        runtime: Runtime,
+        state: dict[str, Any] | None = None,
+        safe_globals: Iterable[type] = (),
+    ) -> None:
         self.folder = folder
         self.step = step
         self.saved_world_size = saved_world_size
         self.runtime = runtime
         self.resized = saved_world_size != runtime.world_size
-        self._own: dict[str, Any] | None = None
-        self._average: dict[str, Any] | None = None
+        self.safe_globals = tuple(safe_globals)
+        self._own: dict[str, Any] | None = None if self.resized else state
+        self._average: dict[str, Any] | None = state if self.resized else None
 
     def _own_state(self) -> dict[str, Any]:
         if self._own is None:
-            self._own = _load(self.folder / _rank_file(self.runtime.rank))
+            self._own = _load(self.folder / _rank_file(self.runtime.rank), self.safe_globals)
         return self._own
 
     def _average_state(self) -> dict[str, Any]:
         if self._average is None:
-            self._average = _load(self.folder / AVERAGE)
+            self._average = _load(self.folder / AVERAGE, self.safe_globals)
         return self._average
 
     @property

@@ -7,21 +7,56 @@ Everything is parsed by torchrun's own argument parser and executed by
 - `--nproc-per-node auto` (GPUs if present, else the usable CPU cores, at most 8);
 - `--max-restarts 3` (torchrun's CLI default is 0: one crash ends the job);
 - a `--rdzv-endpoint` without a `--rdzv-backend` means c10d (multi-node, elastic `--nnodes MIN:MAX`);
-- `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` for the workers unless already set.
+- `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` for the workers unless already set;
+- multi-node: `--rdzv-conf join_timeout=300` (torchrun: 600), which also bounds how long an agent
+  waits for an answer from the rendezvous store on another node.
+
+And three safeguards (agent.py, tether.py, exitcodes.py):
+
+- a worker that exits with a code of `launch.exitcodes.NO_RESTART` (2: usage, configuration or
+  data error; 3: divergence) ends the job at once, and the launcher exits with that code;
+- every worker dies with the launcher (SIGKILL within about a second on Linux), whatever signal
+  ended the launcher;
+- one-node jobs keep their rendezvous store, `MASTER_ADDR` and gloo on loopback (127.0.0.1).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import uuid
 from collections.abc import Sequence
 
 import torch
 from torch.distributed import run as torchrun
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousTimeoutError,
+)
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+from .agent import (
+    LOOPBACK_BACKEND,
+    LOOPBACK_HOST,
+    final_exit_agent,
+    final_failure,
+    register_loopback_rendezvous,
+)
+from .exitcodes import EXIT_USAGE, NO_RESTART
+from .tether import AGENT_PID_ENV
 
 DEFAULT_MAX_RESTARTS = 3
+# How long agents wait for each other (at start and at every restart), and how long an agent's
+# connection to a store on another node may go unanswered. A partition shorter than this minus
+# the workers' collective timeout is survived (the restart resumes from the last checkpoint); a
+# longer one ends every node within about the collective timeout plus this.
+DEFAULT_JOIN_TIMEOUT_S = 300
+C10D_DEFAULT_PORT = 29400
 # More CPU ranks on one machine mostly add all-reduce traffic and memory; beyond this, ask
 # explicitly with --nproc-per-node N.
 MAX_AUTO_CPU_WORKERS = 8
@@ -90,7 +125,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "(c10d rendezvous; the same on every node)"
             )
         args.standalone = True
+    if args.rdzv_backend == "c10d" and not args.standalone:
+        conf = _rdzv_conf(args.rdzv_conf)
+        conf.setdefault("join_timeout", str(DEFAULT_JOIN_TIMEOUT_S))
+        args.rdzv_conf = ",".join(f"{k}={v}" for k, v in conf.items())
     return args
+
+
+def _rdzv_conf(text: str) -> dict[str, str]:
+    """`--rdzv-conf k1=v1,k2=v2` as a dict (order kept)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {k.strip(): v.strip() for k, v in (p if len(p) == 2 else (p[0], "") for p in pairs)}
 
 
 def _set_worker_environment() -> None:
@@ -104,6 +149,38 @@ def _set_worker_environment() -> None:
     # fresh MASTER_PORT. Upstream: pytorch/pytorch#135712, #167288. The agent reads it in this
     # process, so it must be in os.environ before the agent starts.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # The workers' tether (tether.py) compares its parent with this pid: the agent runs here.
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
+
+
+def _use_loopback_rendezvous(args: argparse.Namespace) -> None:
+    """`--standalone`, with the rendezvous store, MASTER_ADDR (and gloo on Linux) on 127.0.0.1.
+
+    torchrun's standalone c10d store listens on every interface; on one node nothing needs to.
+    """
+    register_loopback_rendezvous()
+    args.standalone = False
+    args.rdzv_backend = LOOPBACK_BACKEND
+    args.rdzv_endpoint = f"{LOOPBACK_HOST}:0"
+    args.rdzv_id = str(uuid.uuid4())
+    if args.local_addr is None:
+        args.local_addr = LOOPBACK_HOST  # becomes the workers' MASTER_ADDR
+    if sys.platform.startswith("linux") and "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def _start_workers_tethered(args: argparse.Namespace) -> None:
+    """Start every worker through `python -m launch.tether`, which ties it to this process.
+
+    Not with `--no-python` or `--run-path` (no Python command line to prefix): those workers are
+    tied to their parent by `init_distributed`, once their process group starts.
+    """
+    if args.no_python or args.run_path:
+        return
+    target = (["-m"] if args.module else []) + [args.training_script]
+    args.training_script_args = target + list(args.training_script_args)
+    args.training_script = "launch.tether"
+    args.module = True
 
 
 @record
@@ -117,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
     if "OMP_NUM_THREADS" not in os.environ and torchrun.determine_local_world_size(args.nproc_per_node) > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # what torchrun sets then, without its warning banner
     where = (
-        "standalone (one node)"
+        "standalone (one node, loopback)"
         if args.standalone
         else f"{args.rdzv_backend} rendezvous at {args.rdzv_endpoint or args.master_addr}, "
         f"nnodes {args.nnodes}"
@@ -128,7 +205,15 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    torchrun.run(args)
+    store, give_up = None, float(DEFAULT_JOIN_TIMEOUT_S)
+    if args.standalone:
+        _use_loopback_rendezvous(args)
+    elif args.rdzv_backend == "c10d" and args.rdzv_endpoint:
+        store = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=C10D_DEFAULT_PORT)
+        give_up = float(_rdzv_conf(args.rdzv_conf).get("join_timeout", give_up))
+    _start_workers_tethered(args)
+    with final_exit_agent(store, give_up):
+        torchrun.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -141,5 +226,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = parse_args(argv)
     except ValueError as e:
         print(f"python -m launch: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run(args)
+        raise SystemExit(EXIT_USAGE) from None
+    try:
+        run(args)
+    except ChildFailedError as e:
+        final = final_failure(e.failures)
+        if final is not None:
+            # The worker printed the error itself; torchrun's failure table would only repeat it.
+            rank, code = final
+            print(f"[launch] stopped: rank {rank} exited with code {code}: {NO_RESTART[code]}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(code) from None
+        print(e.format_msg(), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except RendezvousError as e:
+        print(f"[launch] giving up: {_rendezvous_failure(args, e)}; checkpoints are kept: run the "
+              "same command on every node to resume", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _rendezvous_failure(args: argparse.Namespace, error: RendezvousError) -> str:
+    """What a rendezvous error means for the user, in one line."""
+    conf = _rdzv_conf(args.rdzv_conf)
+    if isinstance(error, RendezvousTimeoutError):
+        return (f"the other node(s) did not join within join_timeout "
+                f"{conf.get('join_timeout', '?')} s (a network partition, or a node that stopped)")
+    if isinstance(error, RendezvousConnectionError):
+        return (f"lost the rendezvous store at {args.rdzv_endpoint} (no answer within join_timeout "
+                f"{conf.get('join_timeout', '?')} s: a network partition, or the host node stopped)")
+    if isinstance(error, RendezvousClosedError):
+        return "another node ended the job (see its output)"
+    return f"rendezvous failed: {error}"

@@ -12,8 +12,10 @@ work unchanged.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 import commhooks
+
+from .tether import die_with_parent
 
 __all__ = ["Runtime", "init_distributed", "shutdown", "seed_everything", "record"]
 
@@ -99,6 +103,35 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None or value == "" else int(value)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
+    """The process group's TCP store, listening on loopback only, when MASTER_ADDR is loopback.
+
+    env:// would start rank 0's store on every interface whatever MASTER_ADDR says; a one-node
+    job (the launcher's default) needs none of them. None: use env:// as usual (other nodes, or
+    workers told to share the agent's store).
+    """
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not (_is_loopback(host) and port) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    listen_fd = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        server = socket.create_server((address, int(port)), family=family, backlog=128)
+        listen_fd = server.detach()  # the store owns the listening socket from here on
+    return dist.TCPStore(host, int(port), world_size=world_size, is_master=rank == 0,
+                         timeout=timeout, master_listen_fd=listen_fd)
+
+
 def init_distributed(
     *,
     seed: int,
@@ -138,6 +171,8 @@ def init_distributed(
 
     if under_torchrun:
         _install_error_recorder()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            die_with_parent()  # already done by `python -m launch`'s workers; plain torchrun's too
 
     if not dist.is_initialized():
         # With CUDA, gloo serves CPU tensors beside NCCL (small CPU-side collectives such as the
@@ -147,6 +182,7 @@ def init_distributed(
         if under_torchrun:
             dist.init_process_group(
                 pg_backend,
+                store=_loopback_store(rank, world_size, timeout),
                 rank=rank,
                 world_size=world_size,
                 timeout=timeout,

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import commhooks
 from commhooks.config import CommonConfig, HParamDoc, describe, hparam_docs
+from launch.exitcodes import EXIT_USAGE
 
 from recipes.data import POLICIES, Dataset
 
@@ -195,14 +196,14 @@ class _Parser(argparse.ArgumentParser):
         if not _is_first_rank():
             # torchrun stops every rank once one exits: let rank 0 say what is wrong first
             time.sleep(_QUIET_RANK_DELAY_S)
-            self.exit(2)
+            self.exit(EXIT_USAGE)
         hint = ""
         if message.startswith("unrecognized arguments:"):
             flags = [s for a in self._actions for s in a.option_strings]
             guesses = [m[0] for w in message.split(":", 1)[1].split()
                        if w.startswith("--") and (m := difflib.get_close_matches(w.split("=")[0], flags, n=1))]
             hint = f" (did you mean {' '.join(guesses)}?)" if guesses else ""
-        self.exit(2, f"{self.prog}: error: {message}{hint}\n"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{hint}\n"
                      f"{self.prog} --help lists every flag with its default (and docs/recipes.md)\n")
 
 
@@ -223,6 +224,13 @@ class _Formatter(argparse.HelpFormatter):
 
 # ---------------------------------------------------------------------------------------------
 # The parser
+
+# Collective timeout: how long a rank waits for a lost or partitioned peer before its job fails
+# (and the launcher restarts it from the last checkpoint). On CPU every collective of these
+# recipes takes well under a second; with CUDA/NCCL allow for the longest time one rank can
+# spend away from the others (writing a large checkpoint, first-iteration autotuning).
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_CUDA_S = 300.0
 
 
 def _int_list(text: str) -> list[int]:
@@ -288,6 +296,12 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for forward/backward (default: on with CUDA, off on CPU)")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
+    t.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"collective timeout: a lost or partitioned peer fails the job after this "
+                        f"long, and the launcher restarts it from the last checkpoint (default "
+                        f"{DEFAULT_TIMEOUT_S:g} on CPU, {DEFAULT_TIMEOUT_CUDA_S:g} with CUDA; with "
+                        f"NCCL keep it above the longest time one rank works alone, e.g. a large "
+                        f"checkpoint write)")
 
     o = p.add_argument_group("output")
     o.add_argument("--logdir", default=None,
@@ -315,6 +329,10 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Na
             setattr(args, key, value)
     if args.lr_milestones is None:
         args.lr_milestones = sorted({max(1, round(f * args.epochs)) for f in d.milestones})
+    if args.timeout is None:
+        cuda = (args.device or ("cuda" if _cuda_available() else "cpu")).startswith("cuda")
+        args.timeout = DEFAULT_TIMEOUT_CUDA_S if cuda else DEFAULT_TIMEOUT_S
+    _check_training_flags(parser, args)
     if args.nesterov and args.momentum == 0:
         parser.error("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
     if args.data_policy is None:
@@ -327,6 +345,36 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Na
         mine = ", ".join("--" + n.replace("_", "-") for n in sorted(takes - _SHARED))
         parser.error(f"{flags} is not a hyper-parameter of {args.algo} (it takes: {mine})")
     return args
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_training_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values that would otherwise crash (and be retried) or train nonsense, naming the flag."""
+    rules = [
+        ("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
+        ("--lr-decay", args.lr_decay, math.isfinite(args.lr_decay) and args.lr_decay > 0, "> 0"),
+        ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)"),
+        ("--weight-decay", args.weight_decay,
+         math.isfinite(args.weight_decay) and args.weight_decay >= 0, ">= 0"),
+        ("--width", args.width, math.isfinite(args.width) and args.width > 0, "> 0"),
+        ("--timeout", args.timeout, math.isfinite(args.timeout) and args.timeout > 0, "> 0 seconds"),
+        ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 0, ">= 0"),
+        ("--eval-every", args.eval_every, args.eval_every >= 1, ">= 1"),
+    ]
+    for flag, value in (("--max-steps", args.max_steps), ("--log-interval", args.log_interval),
+                        ("--replica-size", args.replica_size)):
+        if value is not None:
+            rules.append((flag, value, value >= 1, ">= 1"))
+    for flag, value, ok, rule in rules:
+        if not ok:
+            parser.error(f"{flag} must be {rule}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,12 +205,13 @@ class Reporter:
         self.console.print(table)
 
     def results(self, path: str | None, results: dict[str, Any]) -> None:
+        """Write the results as strict JSON (a missing figure is null, never a bare NaN)."""
         if not (self.enabled and path):
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+            json.dump(strict_json(results), f, indent=2, allow_nan=False)
         os.replace(tmp, path)  # a reader never sees half a file
 
     def close(self) -> None:
@@ -222,6 +223,21 @@ class Reporter:
             self.writer = None
         if self.enabled:
             sys.stdout.flush()
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with what strict JSON cannot hold replaced: NaN -> None (a figure that was not
+    measured), +-inf -> "inf"/"-inf" (a legitimate setting, e.g. an unbounded ADPSGD ``high``),
+    other objects -> their ``str``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _fmt(v: Any) -> str:

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -24,15 +25,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from launch.checkpoint import Checkpointer
+from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
+from launch.finite import NonFiniteError, named_tensors, nonfinite
 from launch.runtime import Runtime, init_distributed, shutdown
 
 from recipes.cli import Recipe, parse_args, resolve_hparams, run_logdir
 from recipes.data import Dataset, DatasetUnavailable, TensorLoader, val_batches
 from recipes.models import build_model
 from recipes.report import Reporter, format_figures, run_figures
-
-EXIT_USAGE = 2  # bad configuration or missing data: not worth an elastic restart
-
 
 def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
     """DDP with forward buffer sync only for synchronous algorithms.
@@ -67,6 +67,16 @@ class Meter:
         row = torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
                            y.new_full((), n, dtype=torch.float64)])
         self.sums = row if self.sums is None else self.sums + row
+
+    def state(self) -> torch.Tensor | None:
+        """The sums on the CPU, for a checkpoint (a resumed run's figures then match)."""
+        return None if self.sums is None else self.sums.cpu()
+
+    @classmethod
+    def restored(cls, sums: torch.Tensor | None, device: torch.device) -> Meter:
+        m = cls()
+        m.sums = None if sums is None else sums.to(device)
+        return m
 
     def merge(self, other: "Meter") -> None:
         if other.sums is not None:
@@ -120,11 +130,56 @@ def _fail(rt: Runtime | None, message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def _all_true(flag: bool, rt: Runtime) -> bool:
+def _all_true(flag: bool, rt: Runtime, group: Any = None) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)  # CPU: gloo serves it beside NCCL
     if dist.is_initialized() and rt.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
+
+
+# A download may take far longer than --timeout; the ranks that wait for it wait this long.
+_DOWNLOAD_WAIT = timedelta(hours=2)
+
+
+def _check_finite(step: int, rt: Runtime, model: nn.Module, ckpt: Checkpointer | None,
+                  figures: dict[str, float]) -> None:
+    """Stop every rank with one message if a figure or any rank's weights are not finite.
+
+    Collective; called where the figures are already on the host (log and evaluation points),
+    so the training steps themselves never wait for this check. The weights' check is one
+    ``isfinite`` pass and one small all-reduce. (One function, so that a finiteness check of
+    the library can replace the weights' part.)
+
+    Args:
+        figures: name -> value, already reduced over ranks (the same on every rank).
+    """
+    bad_figures = [f"{name} {value}" for name, value in figures.items() if not math.isfinite(value)]
+    bad_weights = nonfinite(named_tensors(model.state_dict()))
+    if _all_true(not bad_weights, rt) and not bad_figures:
+        return
+    per_rank: list[list[str]] = [bad_weights]
+    if dist.is_initialized() and rt.world_size > 1:
+        per_rank = [[] for _ in range(rt.world_size)]
+        dist.all_gather_object(per_rank, bad_weights)
+    ranks: dict[tuple[str, ...], list[str]] = {}  # the same tensors on several ranks: one entry
+    for r, names in enumerate(per_rank):
+        if names:
+            ranks.setdefault(tuple(names), []).append(str(r))
+    what = bad_figures + [
+        f"non-finite weights on rank{'s' if len(rs) > 1 else ''} {', '.join(rs)} ({', '.join(names[:3])}"
+        f"{f' and {len(names) - 3} more' if len(names) > 3 else ''})" for names, rs in ranks.items()]
+    raise NonFiniteError(f"step {step}: " + "; ".join(what) + _good_checkpoint(ckpt, rt))
+
+
+def _good_checkpoint(ckpt: Checkpointer | None, rt: Runtime) -> str:
+    """Where the last good checkpoint is (rank 0's message only)."""
+    if ckpt is None or not rt.is_main:
+        return ""
+    newest = ckpt.newest_step()
+    if newest is None:
+        return "; no checkpoint was written before it"
+    return (f"; the checkpoints written before it are kept (newest: {ckpt.step_dir(newest)}); "
+            "resume from it with a lower --lr")
 
 
 def _load_data(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Dataset:
@@ -134,13 +189,16 @@ def _load_data(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Dataset
     files: concurrent downloads into one folder race.
     """
     data, error = None, None
+    wait_group = None
+    if args.download and dist.is_initialized() and rt.world_size > 1:
+        wait_group = dist.new_group(backend="gloo", timeout=_DOWNLOAD_WAIT)
     for turn in (True, False):
         if (not args.download or rt.local_rank == 0) == turn:
             try:
                 data = recipe.load(args)
             except DatasetUnavailable as e:
                 error = str(e)
-        if not _all_true(error is None, rt):
+        if not _all_true(error is None, rt, group=wait_group if turn else None):
             _fail(rt, error or "the data set is unavailable on another rank (see rank 0)")
     assert data is not None
     return data
@@ -149,9 +207,15 @@ def _load_data(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Dataset
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Parse the command line, train, and return the results (on rank 0; None elsewhere)."""
     args = parse_args(recipe, argv)
-    rt = init_distributed(seed=args.seed, config=vars(args), device=args.device)
+    rt = init_distributed(seed=args.seed, config=vars(args), device=args.device,
+                          timeout_s=args.timeout)
     try:
         return _run(recipe, args, rt)
+    except NonFiniteError as e:
+        # Every rank raised it together; a restart would diverge again (the launcher does not).
+        if rt.is_main:
+            print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
     finally:
         shutdown()
 
@@ -194,18 +258,29 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum,
                           nesterov=args.nesterov, weight_decay=args.weight_decay)
     try:
-        algo = commhooks.build(args.algo, ddp, opt, replica_size=replica_size, **passed)
+        algo = commhooks.build(args.algo, ddp, opt, replica_size=replica_size,
+                               timeout=timedelta(seconds=args.timeout), **passed)
     except ValueError as e:
         _fail(rt, f"{args.algo}: {e}")
     step = 0
+    window, epoch_meter = Meter(), Meter()
+    train_loss = train_acc = math.nan
+    before = {"wall_seconds": 0.0, "train_seconds": 0.0, "trained_images": 0}  # earlier attempts
     if resume:
         resume.load_training(optimizer=opt, algorithm=algo, loader=loader)
         step = resume.step
+        saved = resume.extra
+        before = {k: saved.get(k, v) for k, v in before.items()}
         if resume.resized:
             # the loader's position is per world size: restart the interrupted epoch
-            loader.epoch, loader.position = int(resume.extra.get("epoch", 0)), 0
+            loader.epoch, loader.position = int(saved.get("epoch", 0)), 0
             step = loader.epoch * B
             say(f"resized resume: restarting epoch {loader.epoch} at step {step}")
+        else:  # the figures of the interrupted epoch continue where they were
+            meters = saved.get("meters", {})
+            window = Meter.restored(meters.get("window"), rt.device)
+            epoch_meter = Meter.restored(meters.get("epoch"), rt.device)
+            train_loss, train_acc = saved.get("train", (math.nan, math.nan))
 
     # -- the start banner --------------------------------------------------------------------
     logdir, logdir_warning = run_logdir(args, recipe.name, resuming=bool(resume)) if rt.is_main else (None, None)
@@ -240,6 +315,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         seconds = time.perf_counter() - t_train  # training time so far (earlier evals included)
         with algo.consensus():
             vl, va = evaluate(ddp.module, data, rt, max(256, args.batch_size), bf16)
+        _check_finite(step, rt, ddp.module, ckpt, {"val loss": vl})
         evals.append({"step": step, "epoch": step / B, "seconds": seconds, "val_acc": va})
         stats = algo.stats()
         report.scalars(step, {"val/loss": vl, "val/acc": va})
@@ -248,14 +324,34 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
                     + format_figures(run_figures(args.algo, stats, opt.param_groups[0]["lr"])))
         return vl, va
 
+    def _totals() -> dict[str, float]:
+        """Wall and training time and images trained, over every attempt of this job."""
+        now = time.perf_counter()
+        return {"wall_seconds": before["wall_seconds"] + now - t_start,
+                "train_seconds": before["train_seconds"] + now - t_train,
+                "trained_images": before["trained_images"]
+                + steps_this_run * args.batch_size * rt.world_size}
+
+    def _save(meters: dict[str, torch.Tensor | None] | None = None) -> None:
+        """Checkpoint this step; `meters`: the figures' sums to save, if not the current ones."""
+        assert ckpt is not None
+        if meters is None:
+            meters = {"window": window.state(), "epoch": epoch_meter.state()}
+        extra = {"epoch": loader.epoch, "meters": meters, "train": (train_loss, train_acc),
+                 **_totals()}
+        try:
+            ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader, extra=extra)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}{_good_checkpoint(ckpt, rt)}") from None
+
     # -- the loop ----------------------------------------------------------------------------
-    window, epoch_meter = Meter(), Meter()
-    val_loss = val_acc = train_loss = train_acc = math.nan
+    val_loss = val_acc = math.nan
     t_train = time.perf_counter()
     steps_this_run, seen_since = 0, 0
     t_window = time.perf_counter()
     ddp.train()
     done = step >= total_steps
+    end_meters: dict[str, torch.Tensor | None] | None = None
     while not done:
         epoch = loader.epoch
         for x, y in loader:
@@ -275,6 +371,8 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
 
             if step % log_every == 0:
                 wl, wa = window.reduce(rt.device)  # collective: every rank, same steps
+                _check_finite(step, rt, ddp.module, ckpt,
+                              {f"train loss (steps {step - log_every + 1}-{step})": wl})
                 epoch_meter.merge(window)
                 window = Meter()
                 now = time.perf_counter()
@@ -285,12 +383,13 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
                 report.stats(step, args.algo, algo.stats())
                 report.progress(step, f"loss {wl:.3f} acc {wa:.3f} {throughput:,.0f} img/s")
             if ckpt and args.checkpoint_every and step % args.checkpoint_every == 0:
-                ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader,
-                          extra={"epoch": loader.epoch, "wall": time.perf_counter() - t_start})
+                _save()
             if step >= total_steps:
                 done = True
                 break
         epoch_end = loader.position == 0  # the loader rolled over (not cut by --max-steps)
+        if done:  # the final checkpoint keeps the sums, so a longer rerun continues the epoch
+            end_meters = {"window": window.state(), "epoch": epoch_meter.state()}
         if done or (epoch_end and (epoch + 1) % args.eval_every == 0):
             epoch_meter.merge(window)
             window = Meter()
@@ -299,14 +398,19 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
             val_loss, val_acc = _validate(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss "
                                           f"{train_loss:.4f} acc {train_acc:.4f} | ")
     if math.isnan(val_acc):  # resumed at the end, or nothing trained: still report the model
+        if epoch_meter.sums is not None or window.sums is not None:
+            # saved at the last step before the final figures: compute them as the run did
+            epoch_meter.merge(window)
+            window = Meter()
+            train_loss, train_acc = epoch_meter.reduce(rt.device)
+            epoch_meter = Meter()
         val_loss, val_acc = _validate(f"step {step}: ")
     if ckpt and args.checkpoint_every and step % args.checkpoint_every and steps_this_run:
         # the end is a checkpoint too: a rerun of the same command finds the run complete
-        ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader,
-                  extra={"epoch": loader.epoch, "wall": time.perf_counter() - t_start})
+        _save(end_meters)
 
-    wall = time.perf_counter() - t_start
-    train_wall = time.perf_counter() - t_train
+    totals = _totals()
+    wall = totals["wall_seconds"]
     stats = algo.stats()
     results: dict[str, Any] = {
         "recipe": recipe.name, "dataset": args.dataset, "model": args.model, "algo": args.algo,
@@ -315,22 +419,30 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         "val_acc": val_acc, "val_loss": val_loss, "train_loss": train_loss, "train_acc": train_acc,
         "comm_bytes": stats.get("comm_bytes"), "syncs": stats.get("syncs"),
         "comm_seconds": stats.get("comm_seconds"), "consensus_distance": stats.get("consensus_distance"),
-        "wall_seconds": wall, "train_seconds": train_wall,
-        "images_per_second": steps_this_run * args.batch_size * rt.world_size / max(train_wall, 1e-9),
+        # over every attempt of the job (a resumed run continues the figures of the earlier ones)
+        "wall_seconds": wall, "train_seconds": totals["train_seconds"],
+        "images_per_second": totals["trained_images"] / max(totals["train_seconds"], 1e-9),
         "hparams": effective, "adapted": notes, "evals": evals,
         "training": {"batch_size": args.batch_size, "lr": args.lr, "lr_milestones": args.lr_milestones,
                      "lr_decay": args.lr_decay, "momentum": args.momentum, "nesterov": args.nesterov,
                      "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width,
                      "bf16": bf16},
     }
-    report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": replica_size,
-                    **results["training"], **{f"{args.algo}.{k}": v for k, v in effective.items()}},
-                   {"val/acc": val_acc, "val/loss": val_loss})
+    # A rerun of a finished job trains nothing: its results file, if any, stays as it was.
+    rerun = resume is not None and steps_this_run == 0
+    if rerun:
+        say(f"the run was already complete at step {step}"
+            + (f"; {args.results} left as it is" if args.results and os.path.exists(args.results) else ""))
+    else:
+        report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": replica_size,
+                        **results["training"], **{f"{args.algo}.{k}": v for k, v in effective.items()}},
+                       {"val/acc": val_acc, "val/loss": val_loss})
     report.summary(f"{recipe.name} {args.dataset} {args.algo}", {
         "val acc": val_acc, "val loss": val_loss, "train loss": train_loss, "steps": step,
         **run_figures(args.algo, stats, opt.param_groups[0]["lr"]),
         "comm s": results["comm_seconds"], "images/s": results["images_per_second"],
         "wall s": wall})
-    report.results(args.results, results)
+    if not (rerun and args.results and os.path.exists(args.results)):
+        report.results(args.results, results)
     report.close()
     return results if rt.is_main else None

@@ -66,8 +66,35 @@ def test_multinode_means_c10d_and_needs_an_endpoint() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_multinode_bounds_the_rendezvous_wait_unless_told() -> None:
+    args = cli.parse_args(["--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29400",
+                           "--rdzv-conf", "is_host=1", "t.py"])
+    assert args.rdzv_conf == f"is_host=1,join_timeout={cli.DEFAULT_JOIN_TIMEOUT_S}"
+    args = cli.parse_args(["--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-conf",
+                           "join_timeout=20", "t.py"])
+    assert args.rdzv_conf == "join_timeout=20"
+
+
+@pytest.mark.timeout(30)
+def test_only_final_exit_codes_stop_the_restarts() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from launch.agent import final_failure
+    from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
+
+    def failures(*codes: int) -> dict:
+        return {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=c, error_file="")
+                for r, c in enumerate(codes)}
+
+    assert final_failure(failures(1, -9)) is None  # a crash, a SIGKILL: restart
+    assert final_failure(failures(-15, EXIT_USAGE)) == (1, EXIT_USAGE)
+    assert final_failure(failures(EXIT_DIVERGED, EXIT_DIVERGED)) == (0, EXIT_DIVERGED)
+
+
+@pytest.mark.timeout(30)
 def test_worker_environment_keeps_user_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.delenv("LAUNCH_AGENT_PID", raising=False)  # set below; restored (absent) after
     cli._set_worker_environment()
     assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")

@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -52,6 +54,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ckpt-dir", required=True)
     p.add_argument("--ckpt-every", type=int, default=3)
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.05)
@@ -63,6 +66,8 @@ def parse() -> argparse.Namespace:
                    help="SIGKILL after writing this step's own checkpoint file (attempt 0)")
     p.add_argument("--skew-config", action="store_true", help="rank 1 uses another --lr")
     p.add_argument("--dump-start", default="", help="write the weights each rank starts from")
+    p.add_argument("--timeout", type=float, default=30.0, help="collective timeout, seconds")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of sleep per step")
     return p.parse_args()
 
 
@@ -70,9 +75,9 @@ def main() -> None:
     args = parse()
     rank = int(os.environ.get("RANK", "0"))
     lr = args.lr * 2 if args.skew_config and rank == 1 else args.lr
-    per_run = {"out", "dump_start", "kill_at", "kill_rank", "kill_in_save"}
+    per_run = {"out", "dump_start", "kill_at", "kill_rank", "kill_in_save", "step_sleep"}
     config = {k: v for k, v in vars(args).items() if k not in per_run} | {"lr": lr}
-    rt = init_distributed(seed=args.seed, config=config, timeout_s=30.0)
+    rt = init_distributed(seed=args.seed, config=config, timeout_s=args.timeout)
     first_attempt = rt.restart_count == 0
 
     g = torch.Generator().manual_seed(1234)  # the data set is the same on every rank and run
@@ -91,7 +96,7 @@ def main() -> None:
     ).to(torch.float64)
     ddp = DDP(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    ckpt = Checkpointer(args.ckpt_dir, rt)
+    ckpt = Checkpointer(args.ckpt_dir, rt, keep=args.keep)
     resume = ckpt.latest()
     if resume is not None:
         resume.load_model(ddp.module)
@@ -100,7 +105,8 @@ def main() -> None:
     else:
         import commhooks
 
-        algo = commhooks.build(args.algo, ddp, optimizer, **json.loads(args.hparams))
+        algo = commhooks.build(args.algo, ddp, optimizer, timeout=timedelta(seconds=args.timeout),
+                               **json.loads(args.hparams))
     step, epoch = 0, 0
     if resume is not None:
         resume.load_training(optimizer=optimizer, algorithm=algo, loader=loader)
@@ -135,6 +141,8 @@ def main() -> None:
             loss.backward()
             algo.step()
             step += 1
+            if args.step_sleep:
+                time.sleep(args.step_sleep)  # a slower run: time to cut a link in the middle
             if step == args.kill_at and first_attempt and rt.rank == args.kill_rank:
                 print(f"[tiny] rank {rt.rank} killing itself after step {step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
