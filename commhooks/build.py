@@ -100,7 +100,8 @@ def _components(name: str, cfg: CommonConfig, ctx: Context) -> list[Component]:
         )
     if name in ("cpsgd", "adpsgd"):
         w = h["warmup_steps"]
-        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w)]
+        measure = h.get("log_every", 0)
+        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w, measure)]
     local = GradientScope(ctx, global_until=0)
     if name == "dpsgd":
         return [local, GossipMixing(ctx, h["topology"], h["seed"], h["log_every"])]

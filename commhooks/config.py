@@ -65,13 +65,17 @@ class SSGDNoiseConfig(CommonConfig):
 
 @dataclass(kw_only=True)
 class CPSGDConfig(CommonConfig):
-    """CPSGD (seed 004, Algorithm 1): ``period`` p >= 1 (required), ``warmup_steps`` w >= 0."""
+    """CPSGD (seed 004, Algorithm 1): ``period`` p >= 1 (required), ``warmup_steps`` w >= 0,
+    ``log_every`` (estimate the consensus distance at the first sync after every that many
+    steps, from a few kilobytes; 0 = never, reported as NaN)."""
 
     period: int
     warmup_steps: int = 0
+    log_every: int = 0
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
+        _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
         _check(_is_int(self.period) and self.period >= 1, "period", "an integer >= 1", self.period)
         _check(
             _is_int(self.warmup_steps) and self.warmup_steps >= 0,
@@ -121,7 +125,8 @@ TOPOLOGIES = ("random-pair", "ring", "all")
 @dataclass(kw_only=True)
 class DPSGDConfig(CommonConfig):
     """DPSGD (seed 002, eq. 2): ``topology`` in random-pair|ring|all, ``seed`` of the matching,
-    ``log_every`` (compute the consensus distance every that many steps; 0 = never)."""
+    ``log_every`` (estimate the consensus distance every that many steps, from a few kilobytes;
+    0 = never, reported as NaN)."""
 
     topology: str = "random-pair"
     seed: int = 0
