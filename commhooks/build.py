@@ -171,6 +171,8 @@ def build(
     topo = make_topology(replica_size, timeout)
     weights = FlatWeights(model.module, buffers=cfg.buffers)
     meter = CommMeter()
+    if name in SYNCHRONOUS or topo.num_replicas == 1:
+        meter.record_distance(0.0, 0)  # identical replicas by construction: a true zero
     grad_state = GradSyncState(group=None, meter=meter)
     ctx = Context(weights=weights, topo=topo, meter=meter, grad_state=grad_state, optimizer=optimizer)
     components = _components(name, cfg, ctx)
