@@ -51,7 +51,7 @@ def synchronize_weights(ctx: Context, scratch: list[torch.Tensor] | None = None,
     One in-place collective per flat group, concurrent with a max over integer buffers: no copy
     and nothing else, which is all CPSGD needs. With ``scratch`` (a parameter-shaped buffer per
     group: one device copy) it also computes ``S = mean_a ||x̄ - x_a||^2`` over the parameters
-    exactly, as ADPSGD's controller needs (ALGORITHMS.md, ADPSGD step 2: one scalar all-reduce,
+    exactly, as ADPSGD's controller needs (Jiang & Agrawal, Algorithm 2: one scalar all-reduce,
     part of the algorithm's communication), records it as the consensus distance at ``step`` and
     returns it; without, it returns NaN (not measured).
     """

@@ -75,12 +75,12 @@ class CPSGDConfig(CommonConfig):
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
-        _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
         _check(_is_int(self.period) and self.period >= 1, "period", "an integer >= 1", self.period)
         _check(
             _is_int(self.warmup_steps) and self.warmup_steps >= 0,
             "warmup_steps", "an integer >= 0", self.warmup_steps,
         )
+        _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
 
 
 @dataclass(kw_only=True)

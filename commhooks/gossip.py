@@ -60,11 +60,11 @@ class GossipMixing(Component):
     """Mix the weights with neighbours before the optimizer step; exchange overlaps backward.
 
     The consensus distance is measured only every ``log_every`` steps, by a
-    :class:`~commhooks.averaging.ConsensusProbe` (an estimate from a few thousand coordinates,
-    exact for models that small; kilobytes of traffic, counted in ``measure_bytes``, never in
-    ``comm_bytes``). In between, ``stats()`` reports the last measured value with its
-    ``consensus_step``; with ``log_every=0`` it is NaN (not measured), never a 0.0 that would
-    read as perfect agreement.
+    :class:`~commhooks.averaging.ConsensusProbe`: an estimate from a few thousand sampled
+    coordinates (exact for a model no larger than the sample), kilobytes of traffic counted in
+    ``measure_bytes``, never in ``comm_bytes``. In between, ``stats()`` reports the last measured
+    value with its ``consensus_step``; with ``log_every=0`` it is NaN (not measured), never a 0.0
+    that would read as perfect agreement.
 
     Args:
         ctx: the shared context; the gradient hook's ``on_first_bucket`` is taken over.
@@ -144,11 +144,9 @@ class GossipMixing(Component):
         self._works, self._mean = None, None
 
     def after_optimizer(self, k: int) -> None:
-        if self.log_every and (k + 1) % self.log_every == 0:
-            if self._probe is None:  # a single replica: exactly at consensus
-                self.ctx.meter.record_distance(0.0, k + 1)
-            else:
-                self._probe.measure(self.ctx, k + 1)
+        # (A single replica has no probe: build() recorded its true 0.0 once.)
+        if self._probe is not None and (k + 1) % self.log_every == 0:
+            self._probe.measure(self.ctx, k + 1)
 
     def state_dict(self) -> dict[str, Any]:
         # The matching is a function of (seed, step): the step counter is the RNG position.
