@@ -184,3 +184,27 @@ def _buffers_after_refresh(rank, world, name, hp):
 def test_elastic_buffers_are_averaged_at_a_refresh(name, hp):
     for mean, count in run_ranks(_buffers_after_refresh, 4, name, hp):
         assert torch.equal(mean, torch.full((3,), 1.5, dtype=torch.float64)) and count == 3
+
+
+def _noise_drawn_in_line(rank, world, hp, steps):
+    from reference import OPT, flat, loss_of, make_model
+
+    model = make_model()
+    ddp = make_ddp(model)
+    opt = torch.optim.SGD(ddp.parameters(), **OPT)
+    algo = commhooks.build("ssgd-noise", ddp, opt, **hp)
+    algo.components[-1].prefetch = False  # as on an accelerator: drawn inside step()
+    for k in range(steps):
+        opt.zero_grad()
+        loss_of(ddp, rank, k).backward()
+        algo.step()
+    return flat(model.parameters())
+
+
+@pytest.mark.timeout(60)
+def test_noise_drawn_in_the_background_or_in_line_is_the_same():
+    hp = {"noise_std": 0.01, "seed": 4}
+    background = run_ranks(train, 2, "ssgd-noise", hp, 5, 1)
+    in_line = run_ranks(_noise_drawn_in_line, 2, hp, 5)
+    for b, i in zip(background, in_line):
+        assert torch.equal(b["params"], i)
