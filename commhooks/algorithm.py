@@ -255,8 +255,4 @@ class Algorithm:
         self._prepare()
         # Last: what _prepare() just restarted (a reference prefetch) was already counted
         # before the save, so the restored figures continue exactly.
-        meter = state["meter"]
-        self.ctx.meter.comm_bytes = int(meter["comm_bytes"])
-        self.ctx.meter.syncs = int(meter["syncs"])
-        self.ctx.meter.comm_seconds = float(meter["comm_seconds"])
-        self.ctx.meter.consensus_distance = float(meter["consensus_distance"])
+        self.ctx.meter.load_dict(state["meter"])

@@ -101,7 +101,8 @@ def _components(name: str, cfg: CommonConfig, ctx: Context) -> list[Component]:
         )
     if name in ("cpsgd", "adpsgd"):
         w = h["warmup_steps"]
-        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w)]
+        measure = h.get("log_every", 0)
+        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w, measure)]
     local = GradientScope(ctx, global_until=0)
     if name == "dpsgd":
         return [local, GossipMixing(ctx, h["topology"], h["seed"], h["log_every"])]
@@ -190,6 +191,8 @@ def build(
     topo = make_topology(replica_size, timeout)
     weights = FlatWeights(model.module, buffers=cfg.buffers)
     meter = CommMeter()
+    if name in SYNCHRONOUS or topo.num_replicas == 1:
+        meter.record_distance(0.0, 0)  # identical replicas by construction: a true zero
     grad_state = GradSyncState(group=None, meter=meter)
     guard = ExchangeGuard(topo.guard_group, weights, exchanges=topo.num_replicas > 1 and name not in SYNCHRONOUS, steps=check_steps, finite=check_finite)
     ctx = Context(weights=weights, topo=topo, meter=meter, grad_state=grad_state, optimizer=optimizer, guard=guard)

@@ -99,6 +99,9 @@ class CPSGDConfig(CommonConfig):
     period: int = _hp(valid="an integer >= 1 (required; 1 is SSGD at a higher cost)",
                       help="local steps between two weight averages (p)")
     warmup_steps: int = _hp(0, valid="an integer >= 0", help=_WARMUP_HELP)
+    log_every: int = _hp(0, valid="an integer >= 0",
+                         help="estimate the consensus distance at the first average after every this "
+                              "many steps, from a few kilobytes (measure_bytes); 0 = never (NaN)")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -107,6 +110,7 @@ class CPSGDConfig(CommonConfig):
             _is_int(self.warmup_steps) and self.warmup_steps >= 0,
             "warmup_steps", "an integer >= 0", self.warmup_steps,
         )
+        _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
 
 
 @dataclass(kw_only=True)

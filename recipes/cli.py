@@ -410,10 +410,12 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     """The recipe's defaults for ``algo`` (the papers'), and notes on those adapted to the run.
 
     - ssgd-noise: ``noise_std = 0.01``, the DPSGD paper's best-converging SSGD* (Section 4.3);
-    - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against;
+    - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against, and the
+      consensus distance estimated at the first sync after every train log (``log_every``);
     - adpsgd: warm-up of one epoch and ``sample_steps`` a quarter of the run (ADPSGD, Section III);
-    - dpsgd: the consensus distance measured at every train log (``log_every``; one extra
-      all-reduce then) so that TensorBoard shows how far the gossiping replicas drift apart;
+    - dpsgd: the consensus distance estimated at every train log (``log_every``; a few
+      kilobytes then, counted in ``measure_bytes``, not ``comm_bytes``) so that TensorBoard
+      shows how far the gossiping replicas drift apart;
     - easgd: ``steps_per_epoch`` = this run's B (the scoping of Parle eq. 9);
     - entropysgd/parle: ``L = 25``, ``alpha = 0.75`` (Parle, Section 3), ``steps_per_epoch`` = B;
       ``L`` becomes 5 on small data sets (< 4 outer steps per epoch at L = 25).
@@ -423,7 +425,7 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     if algo == "ssgd-noise":
         d = {"noise_std": 0.01}
     elif algo == "cpsgd":
-        d = {"period": 8}
+        d = {"period": 8, "log_every": log_interval or max(1, B // 10)}
     elif algo == "adpsgd":
         d = {"warmup_steps": B, "p_init": 4, "sample_steps": max(1, total_steps // 4)}
         if B >= total_steps // 2:
