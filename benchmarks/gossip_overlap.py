@@ -1,20 +1,30 @@
-"""How much of the DPSGD weight exchange hides behind backward (issue: commhooks core, part 2).
+"""How much weight traffic hides behind computation: DPSGD's exchange, Elastic-SGD's reference.
 
     torchrun --standalone --nproc_per_node=2 -m benchmarks.gossip_overlap
 
-Three step times, measured side by side in one run on the same model and data:
-  local     — no weight exchange at all (DPSGD's step without mixing: local SGD, no averaging);
-  overlap   — DPSGD as shipped: the exchange starts from the comm hook at the first gradient
-              bucket and completes in step();
-  blocking  — compute, then the same exchange started and waited for inside step().
-hidden = (blocking - overlap) / (blocking - local): the fraction of the exchange's cost hidden.
+Measured side by side in one run, interleaved rounds, the same model and data on every row:
+  local           — local SGD, no weight traffic (CPSGD that never averages);
+  dpsgd           — as shipped: the exchange (receives posted before sends) starts from the comm
+                    hook at the first gradient bucket and completes in step();
+  dpsgd blocking  — compute, then the same exchange started and waited for inside step();
+  easgd           — as shipped: the reference all-reduce starts with the step, runs during
+                    forward and backward, and is waited for in step();
+  exchange, receives first / sends first — one raw pairwise exchange of the weights with the
+                    ring neighbours, posted in either order (gloo serialises the two directions
+                    of an exchange whose send is posted before the peer's receive: on a shaped
+                    link that halves its speed; on loopback the difference is small);
+  all-reduce      — one raw all-reduce of the weights.
+hidden = 1 - (overlapped - local) / (cost when blocking): the fraction of the traffic's cost hidden
+(for Elastic-SGD the blocking cost is the raw all-reduce of the same bytes).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
@@ -23,11 +33,26 @@ from .common import init, say, timed
 from .sync_cost import make_model
 
 
+def raw_exchange(tensor: torch.Tensor, inbox: list[torch.Tensor], receives_first: bool) -> Callable[[], None]:
+    """One pairwise exchange of ``tensor`` with the ring neighbours, posted in the given order."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    peers = sorted({(rank - 1) % world, (rank + 1) % world} - {rank})
+
+    def run() -> None:
+        recvs = [(dist.irecv, box, p) for box, p in zip(inbox, peers)]
+        sends = [(dist.isend, tensor, p) for p in peers]
+        ops = recvs + sends if receives_first else sends + recvs
+        for work in [op(t, p) for op, t, p in ops]:
+            work.wait()
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18", choices=["resnet18", "mlp"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     rank, world = init()
     x = torch.randn(args.batch, 3, 32, 32) if args.model == "resnet18" else torch.randn(args.batch, 1024)
@@ -47,19 +72,37 @@ def main() -> None:
     _, overlap = setup("dpsgd", topology="ring")  # exchange from the hook, during backward
     blocking_algo, blocking = setup("dpsgd", topology="ring")
     blocking_algo.ctx.grad_state.on_first_bucket = None  # step() starts it, then waits at once
+    _, easgd = setup("easgd", rho=0.1, scoping=False)
+    flat = torch.cat([s.reshape(-1) for s in blocking_algo.ctx.weights.comm_segments()])
+    inbox = [torch.empty_like(flat) for _ in range(min(2, world - 1))]
+    runs = {
+        "local": local,
+        "dpsgd": overlap,
+        "dpsgd blocking": blocking,
+        "easgd": easgd,
+        "exchange, receives first": raw_exchange(flat, inbox, receives_first=True),
+        "exchange, sends first": raw_exchange(flat, inbox, receives_first=False),
+        "all-reduce": lambda: dist.all_reduce(flat),
+    }
 
-    rounds = {"local": [], "overlap": [], "blocking": []}
-    for _ in range(3):  # interleaved rounds: machine drift hits all three alike
-        for label, fn in (("local", local), ("overlap", overlap), ("blocking", blocking)):
-            rounds[label].append(timed(fn, args.repeats))
-    t = {k: min(v) for k, v in rounds.items()}
-    nbytes = sum(s.numel() * s.element_size() for s in blocking_algo.ctx.weights.comm_segments())
-    say(f"model {args.model}, batch {args.batch}/rank, {world} gloo ranks, exchange {nbytes / 1e6:.1f} MB each way")
-    for label in ("local", "overlap", "blocking"):
-        say(f"{label:<10}{t[label]:>9.4f} s/step")
-    exchange = t["blocking"] - t["local"]
-    hidden = (t["blocking"] - t["overlap"]) / exchange if exchange > 0 else float("nan")
-    say(f"exchange cost when blocking: {exchange:.4f} s; hidden by overlap: {100 * hidden:.0f}%")
+    best = {label: float("inf") for label in runs}
+    for _ in range(args.rounds):  # interleaved rounds: machine drift hits all alike
+        for label, fn in runs.items():
+            best[label] = min(best[label], timed(fn, args.repeats))
+    say(f"model {args.model}, batch {args.batch}/rank, {world} gloo ranks, "
+        f"{flat.numel() * flat.element_size() / 1e6:.1f} MB of weights")
+    for label, t in best.items():
+        say(f"{label:<28}{t:>9.4f} s")
+    exchange = best["dpsgd blocking"] - best["local"]
+    hidden = 1 - (best["dpsgd"] - best["local"]) / exchange if exchange > 0 else float("nan")
+    say(f"dpsgd: exchange cost when blocking {exchange:.4f} s; hidden by overlap: {100 * hidden:.0f}%")
+    ar = best["all-reduce"]
+    hidden = 1 - (best["easgd"] - best["local"]) / ar if ar > 0 else float("nan")
+    say(f"easgd: reference all-reduce {ar:.4f} s; hidden by overlap: {100 * hidden:.0f}% "
+        "(its in-place pull arithmetic counts against it)")
+    ratio = best["exchange, sends first"] / best["exchange, receives first"]
+    say(f"raw exchange: sends first takes {ratio:.2f}x the time of receives first")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""What a weight synchronisation costs, side by side in one run (DESIGN.md, "Performance aims").
+"""What a weight synchronisation costs, side by side in one run (README.md, "Benchmarks").
 
     torchrun --standalone --nproc_per_node=2 -m benchmarks.sync_cost --model resnet18
 
-Compares, on the same bytes: a raw all-reduce of one flat tensor; commhooks' CPSGD sync (the
-parameters live in a flat buffer: one in-place all-reduce, plus ADPSGD's scalar distance and one
-device copy); commhooks' bare mean (no distance); PyTorch's ``PeriodicModelAverager``. Then the
-SSGD hook against plain DDP on a full training step.
+Compares, on the same bytes: a raw all-reduce of one flat tensor; commhooks' bare mean (the
+parameters live in a flat buffer: one in-place all-reduce); commhooks' CPSGD sync (that mean and
+the integer buffers' max, nothing else); its ADPSGD sync (plus one device copy and the exact
+consensus distance with its scalar all-reduce, which only ADPSGD's controller needs); PyTorch's
+``PeriodicModelAverager``. Then the SSGD hook against plain DDP on a full training step.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def main() -> None:
     algo = commhooks.build("cpsgd", ddp, opt, period=1, buffers="local")
     ctx = algo.ctx
     scratch = [torch.empty_like(s) for s in ctx.weights.param_segments()]
-    t_sync = timed(lambda: synchronize_weights(ctx, scratch), args.repeats)
+    t_cpsgd = timed(lambda: synchronize_weights(ctx), args.repeats)
+    t_adpsgd = timed(lambda: synchronize_weights(ctx, scratch), args.repeats)
     t_mean = timed(lambda: replica_mean_(ctx.weights.comm_segments(), ctx.topo, ctx.meter), args.repeats)
 
     say(f"{'what':<46}{'seconds':>10}{'x raw':>8}")
     for label, t in [
         ("raw all-reduce of one flat tensor", t_raw),
         ("commhooks mean (flat, in place)", t_mean),
-        ("commhooks CPSGD/ADPSGD sync (+copy, +distance)", t_sync),
+        ("commhooks CPSGD sync", t_cpsgd),
+        ("commhooks ADPSGD sync (+copy, +exact S)", t_adpsgd),
         ("torch PeriodicModelAverager (average_parameters)", t_torch),
     ]:
         say(f"{label:<46}{t:>10.4f}{t / t_raw:>8.2f}")

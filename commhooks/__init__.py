@@ -1,9 +1,9 @@
 """commhooks: communication-efficient data-parallel training as DDP communication hooks.
 
     algo = commhooks.build("parle", ddp_model, optimizer, replica_size=1, **hparams)
-    loss.backward(); algo.step()
+    loss.backward(); algo.step()      # or: opt = algo.as_optimizer(); ...; opt.step()
 
-The algorithms and their exact update rules are those of ALGORITHMS.md; the building blocks
+The algorithms and their exact update rules are written out in docs/README.md; the building blocks
 (flat buffers, gradient hooks, step wrappers) are importable for your own compositions.
 """
 
@@ -18,13 +18,15 @@ from .entropy import ProximalInnerLoop
 from .flat import FlatWeights
 from .gossip import GossipMixing, gossip_peers, random_matching
 from .grad_hooks import GradSyncState, allreduce_hook, compress_wrapper
+from .guards import ExchangeGuard, NonFiniteError, StepMismatchError, min_steps, pull_stability_bound
 from .noise import IsotropicNoise, step_seed
+from .optimizer import AlgorithmOptimizer, guard_bare_steps
 
 __all__ = [
-    "ALGORITHMS", "SYNCHRONOUS", "Algorithm", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
-    "ElasticPull", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
-    "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "Topology", "allreduce_hook", "build",
+    "ALGORITHMS", "SYNCHRONOUS", "Algorithm", "AlgorithmOptimizer", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
+    "ElasticPull", "ExchangeGuard", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
+    "NonFiniteError", "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "StepMismatchError", "Topology", "allreduce_hook", "build",
     "check_same_across_ranks", "compress_wrapper", "config_class", "ddp_buffer_sync_kwargs", "gossip_peers", "make_topology",
-    "random_matching", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean", "step_seed",
+    "guard_bare_steps", "min_steps", "pull_stability_bound", "random_matching", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean", "step_seed",
     "synchronize_weights",
 ]

@@ -1,6 +1,6 @@
 """The object ``commhooks.build`` returns: an optimizer step wrapped by composable components.
 
-Every algorithm in ALGORITHMS.md is a short list of :class:`Component` s. One call of
+Every algorithm in docs/README.md is a short list of :class:`Component` s. One call of
 :meth:`Algorithm.step` is::
 
     for c in components: c.before_optimizer(k)   # mix weights, add pulls to gradients
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,17 +25,24 @@ from .comm import CommMeter, Topology, replica_max_, replica_mean_
 from .consistency import check_same_across_ranks
 from .flat import FlatWeights
 from .grad_hooks import GradSyncState
+from .guards import ExchangeGuard
+from .optimizer import AlgorithmOptimizer, guard_bare_steps
 
 
 @dataclass(kw_only=True)
 class Context:
-    """What every component works on: weights, topology, meter, gradient hook state, optimizer."""
+    """What every component works on: weights, topology, meter, gradient hook state, optimizer.
+
+    ``guard`` checks, before each weight exchange, that every rank is at the same step (and,
+    opt-in, that no weights are non-finite); components call ``guard.before_exchange``.
+    """
 
     weights: FlatWeights
     topo: Topology
     meter: CommMeter
     grad_state: GradSyncState
     optimizer: torch.optim.Optimizer
+    guard: ExchangeGuard = field(default_factory=ExchangeGuard)
 
     @property
     def lr(self) -> float:
@@ -75,6 +83,8 @@ class Component:
 class Algorithm:
     """A communication algorithm attached to a DDP model; use :meth:`step` instead of ``optimizer.step()``.
 
+    Or step :meth:`as_optimizer`, a ``torch.optim.Optimizer`` whose ``step()`` is :meth:`step`.
+
     Args:
         name: the algorithm's name in ``commhooks.ALGORITHMS``.
         model: the DDP model (its comm hook is already registered).
@@ -102,7 +112,12 @@ class Algorithm:
         self.hparams = hparams
         self.replicas_identical = replicas_identical or ctx.topo.num_replicas == 1
         self.k = 0
+        ctx.grad_state.on_backward = self._before_backward
         self._prepare()
+        # optimizer.py: a bare optimizer.step() outside step() raises; as_optimizer() wraps it.
+        self._inside_step = False
+        self.bare_step_guard = guard_bare_steps(self)
+        self._as_optimizer: AlgorithmOptimizer | None = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -112,42 +127,80 @@ class Algorithm:
     def replica_size(self) -> int:
         return self.ctx.topo.replica_size
 
+    def _before_backward(self) -> None:
+        # DDP all-reduces inside backward (gradients, and the used-parameter map with
+        # find_unused_parameters): check the step first, or a rank a step ahead blocks there
+        # while the others wait in their next check.
+        if self.ctx.grad_state.group is not None or self.model.find_unused_parameters:
+            self.ctx.guard.before_backward(self.k)
+
     def _prepare(self) -> None:
         for c in self.components:
             c.prepare(self.k)
 
     def step(self) -> None:
-        """The user's optimizer step plus this algorithm's exchange (ALGORITHMS.md)."""
+        """The user's optimizer step plus this algorithm's exchange (docs/README.md)."""
         self.ctx.grad_state.end_backward()
         k = self.k
         for c in self.components:
             c.before_optimizer(k)
-        self.optimizer.step()
+        self._inside_step = True  # the only call the bare-step guard lets through
+        try:
+            self.optimizer.step()
+        finally:
+            self._inside_step = False
         for c in self.components:
             c.after_optimizer(k)
         self.k = k + 1
         self._prepare()
 
+    def as_optimizer(self) -> AlgorithmOptimizer:
+        """A ``torch.optim.Optimizer`` whose ``step()`` is :meth:`step` (the same object every call).
+
+        Hand it to the training loop, ``GradScaler.step``, LR schedulers and trainer libraries
+        in place of the optimizer given to ``build`` (docs/usage.md).
+        """
+        if self._as_optimizer is None:
+            self._as_optimizer = AlgorithmOptimizer(self)
+        return self._as_optimizer
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def stats(self) -> dict[str, float]:
-        """Communication and consensus figures (ALGORITHMS.md, last section), plus ``step``."""
+        """Communication and consensus figures (docs/metrics.md), plus ``step``."""
         out = self.ctx.meter.as_dict()
         for c in self.components:
             out.update(c.stats())
         out["step"] = float(self.k)
         return out
 
+    def check_finite(self) -> None:
+        """Raise ``commhooks.NonFiniteError`` on every rank if any rank's weights hold NaN or inf.
+
+        Collective: every rank calls it at the same step (log, evaluation or checkpoint points).
+        It reads every weight once (one host-device sync) and all-reduces 40 bytes; the error
+        names the step, the ranks and the flat groups. ``build(..., check_finite=True)`` runs
+        the same check before every weight exchange.
+        """
+        self.ctx.guard.check_finite(self.k)
+
     @contextlib.contextmanager
-    def consensus(self) -> Iterator[torch.nn.Module]:
+    def consensus(self, timeout: timedelta | None = None) -> Iterator[torch.nn.Module]:
         """Inside, the model holds the replica average (for Parle: of the anchors). Collective.
 
-        Every rank must enter it. The local weights are restored on exit, bit for bit.
+        Every rank must enter it, after the same number of steps: otherwise every rank that
+        entered raises ``commhooks.StepMismatchError`` instead of averaging with another rank's
+        weight exchange. The local weights are restored on exit, bit for bit.
+
+        Args:
+            timeout: how long to wait for the other ranks to enter (default: the collective
+                timeout given to ``build``).
         """
         if self.replicas_identical:
             yield self.model.module
             return
+        self.ctx.guard.enter_consensus(self.k, timeout)
         weights = self.ctx.weights
         saved = weights.snapshot()
         try:
@@ -202,8 +255,4 @@ class Algorithm:
         self._prepare()
         # Last: what _prepare() just restarted (a reference prefetch) was already counted
         # before the save, so the restored figures continue exactly.
-        meter = state["meter"]
-        self.ctx.meter.comm_bytes = int(meter["comm_bytes"])
-        self.ctx.meter.syncs = int(meter["syncs"])
-        self.ctx.meter.comm_seconds = float(meter["comm_seconds"])
-        self.ctx.meter.consensus_distance = float(meter["consensus_distance"])
+        self.ctx.meter.load_dict(state["meter"])

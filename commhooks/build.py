@@ -21,6 +21,7 @@ from .entropy import ProximalInnerLoop
 from .flat import FlatWeights
 from .gossip import GossipMixing
 from .grad_hooks import GradSyncState, make_grad_hook
+from .guards import ExchangeGuard, warn_foot_guns
 from .noise import IsotropicNoise
 
 # Algorithms whose rule keeps every replica identical: buffers broadcast by DDP are harmless.
@@ -100,7 +101,8 @@ def _components(name: str, cfg: CommonConfig, ctx: Context) -> list[Component]:
         )
     if name in ("cpsgd", "adpsgd"):
         w = h["warmup_steps"]
-        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w)]
+        measure = h.get("log_every", 0)
+        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w, measure)]
     local = GradientScope(ctx, global_until=0)
     if name == "dpsgd":
         return [local, GossipMixing(ctx, h["topology"], h["seed"], h["log_every"])]
@@ -124,9 +126,15 @@ def build(
     replica_size: int | None = None,
     *,
     timeout: timedelta = timedelta(minutes=10),
+    check_steps: bool = True,
+    check_finite: bool = False,
     **hparams: object,
 ) -> Algorithm:
     """Attach algorithm ``name`` to a DDP model; call the result's ``step()`` instead of ``optimizer.step()``.
+
+    Or step ``algo.as_optimizer()``, an optimizer whose ``step()`` is ``algo.step()``, which
+    GradScaler, LR schedulers and trainer libraries accept (docs/usage.md). From here on
+    ``optimizer.step()`` itself raises: a bare step would skip the algorithm's exchange.
 
     Collective: every rank calls it with the same arguments (checked; a mismatch raises on every
     rank). It relocates the model's parameters and buffers into flat buffers, creates the replica
@@ -137,16 +145,28 @@ def build(
         model: a ``DistributedDataParallel`` over the model; build it with
             ``broadcast_buffers=False`` for algorithms that keep replicas apart.
         optimizer: any ``torch.optim.Optimizer`` over ``model.parameters()``.
-        replica_size: ranks per replica (ALGORITHMS.md); default 1, and the world size for
+        replica_size: ranks per replica (docs/README.md); default 1, and the world size for
             ``entropysgd`` (which is Parle with a single replica).
         timeout: the collective timeout of the process groups created here.
-        **hparams: the algorithm's hyper-parameters, named as in ALGORITHMS.md
+        check_steps: before every weight exchange and ``consensus()``, check (40 bytes, one
+            gloo all-reduce on CPU) that every rank is at the same exchange of the same step;
+            a rank that skipped or repeated a ``step()`` then raises
+            ``commhooks.StepMismatchError`` on every rank instead of mixing the wrong weights
+            or hanging (``commhooks.guards``).
+        check_finite: also check every rank's weights for NaN/inf before each weight exchange
+            (one pass over the weights and one host-device sync per exchange; DPSGD exchanges
+            at every step) and raise ``commhooks.NonFiniteError`` on every rank. Without it,
+            call ``algo.check_finite()`` where you log or evaluate.
+        **hparams: the algorithm's hyper-parameters, named as in docs/README.md
             (see ``commhooks.config_class(name)``).
     """
     if name not in ALGORITHMS:
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
     _check_model_and_optimizer(model, optimizer)
     cfg = make_config(name, hparams)
+    for flag, value in (("check_steps", check_steps), ("check_finite", check_finite)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     replica_size = resolve_replica_size(name, replica_size, world)
     cfg.validate(world, replica_size)
@@ -159,19 +179,23 @@ def build(
             "(forward_sync_buffers=False from torch 2.15)",
             stacklevel=2,
         )
+    warn_foot_guns(name, asdict(cfg), optimizer, world // replica_size)
 
     # Before any group is created: ranks that disagree must fail here, not hang in new_group.
     device = next(model.module.parameters()).device
     check_same_across_ranks(
         {"algorithm": name, "replica_size": replica_size, "hparams": asdict(cfg),
-         "model": _model_layout(model)},
+         "model": _model_layout(model), "checks": (check_steps, check_finite)},
         device=device if device.type == "cuda" else "cpu",
     )
     topo = make_topology(replica_size, timeout)
     weights = FlatWeights(model.module, buffers=cfg.buffers)
     meter = CommMeter()
+    if name in SYNCHRONOUS or topo.num_replicas == 1:
+        meter.record_distance(0.0, 0)  # identical replicas by construction: a true zero
     grad_state = GradSyncState(group=None, meter=meter)
-    ctx = Context(weights=weights, topo=topo, meter=meter, grad_state=grad_state, optimizer=optimizer)
+    guard = ExchangeGuard(topo.guard_group, weights, exchanges=topo.num_replicas > 1 and name not in SYNCHRONOUS, steps=check_steps, finite=check_finite)
+    ctx = Context(weights=weights, topo=topo, meter=meter, grad_state=grad_state, optimizer=optimizer, guard=guard)
     components = _components(name, cfg, ctx)
     model.register_comm_hook(grad_state, make_grad_hook(cfg.grad_compression))
     return Algorithm(

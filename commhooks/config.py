@@ -1,13 +1,22 @@
-"""Hyper-parameters of every algorithm, named as in ALGORITHMS.md, validated at ``build``.
+"""Hyper-parameters of every algorithm, validated at ``build``; each field documents itself.
 
 Each algorithm has a ``@dataclass(kw_only=True)``; a field without a default is required. A
-user's bad value raises ``ValueError`` naming the argument and the rule.
+user's bad value raises ``ValueError`` naming the argument and the rule. Every field carries
+``metadata={"help": ..., "valid": ...}`` (and ``"choices"`` for a fixed set): the recipes'
+``--help`` and the pages under ``docs/`` are generated from it (:func:`hparam_docs`). The update
+rules themselves are written out in ``docs/`` (one page per algorithm family).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+# The fixed sets of the choice fields (also in each field's metadata["choices"]).
+BUFFER_POLICIES: tuple[str, ...] = ("average", "local")
+GRAD_COMPRESSIONS: tuple[str | None, ...] = (None, "fp16", "bf16")
+TOPOLOGIES: tuple[str, ...] = ("random-pair", "ring", "all")
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
@@ -17,6 +26,14 @@ def _check(ok: bool, name: str, rule: str, value: object) -> None:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hp(default: Any = MISSING, *, help: str, valid: str, choices: tuple | None = None) -> Any:
+    """A config field with its one-line meaning (``help``) and valid values (``valid``)."""
+    metadata: dict[str, Any] = {"help": help, "valid": valid}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(kw_only=True)
@@ -29,13 +46,19 @@ class CommonConfig:
         grad_compression: ``None``, ``"fp16"`` or ``"bf16"``: the dtype gradients travel in.
     """
 
-    buffers: str = "average"
-    grad_compression: str | None = None
+    buffers: str = _hp(
+        "average", choices=BUFFER_POLICIES, valid='"average" or "local"',
+        help="buffers such as BatchNorm statistics: average = floating buffers averaged with the "
+             "weights (integer ones take the max), local = never communicated")
+    grad_compression: str | None = _hp(
+        None, choices=GRAD_COMPRESSIONS, valid='None, "fp16" or "bf16"',
+        help="dtype the gradients travel in (None: as computed, float32); halves gradient bytes, "
+             "the average is taken in that precision")
 
     def validate(self, world_size: int, replica_size: int) -> None:
-        _check(self.buffers in ("average", "local"), "buffers", '"average" or "local"', self.buffers)
+        _check(self.buffers in BUFFER_POLICIES, "buffers", '"average" or "local"', self.buffers)
         _check(
-            self.grad_compression in (None, "fp16", "bf16"),
+            self.grad_compression in GRAD_COMPRESSIONS,
             "grad_compression",
             'None, "fp16" or "bf16"',
             self.grad_compression,
@@ -44,15 +67,18 @@ class CommonConfig:
 
 @dataclass(kw_only=True)
 class SSGDConfig(CommonConfig):
-    """SSGD: DDP's synchronous SGD through our hook (no hyper-parameters of its own)."""
+    """SSGD: synchronous SGD, DDP's gradient all-reduce at every step, through our hook."""
 
 
 @dataclass(kw_only=True)
 class SSGDNoiseConfig(CommonConfig):
-    """SSGD* (seed 002, Section 2.1): ``noise_std`` sigma > 0 (required), ``seed`` of the draws."""
+    """SSGD*: SSGD plus isotropic Gaussian weight noise (Zhang et al., OpenReview fStMpzKkjMT, Sec. 2.1)."""
 
-    noise_std: float
-    seed: int = 0
+    noise_std: float = _hp(
+        valid="a finite number > 0 (required)",
+        help="sigma of the Gaussian noise added to every parameter after each step")
+    seed: int = _hp(0, valid="an integer",
+                    help="seed of the noise draws (every rank draws the same noise)")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -63,12 +89,19 @@ class SSGDNoiseConfig(CommonConfig):
         _check(_is_int(self.seed), "seed", "an integer", self.seed)
 
 
+_WARMUP_HELP = "steps of synchronous SGD before the local steps begin (w)"
+
+
 @dataclass(kw_only=True)
 class CPSGDConfig(CommonConfig):
-    """CPSGD (seed 004, Algorithm 1): ``period`` p >= 1 (required), ``warmup_steps`` w >= 0."""
+    """CPSGD: local SGD, weights averaged every `period` steps (Jiang & Agrawal, arXiv 2007.06134, Alg. 1)."""
 
-    period: int
-    warmup_steps: int = 0
+    period: int = _hp(valid="an integer >= 1 (required; 1 is SSGD at a higher cost)",
+                      help="local steps between two weight averages (p)")
+    warmup_steps: int = _hp(0, valid="an integer >= 0", help=_WARMUP_HELP)
+    log_every: int = _hp(0, valid="an integer >= 0",
+                         help="estimate the consensus distance at the first average after every this "
+                              "many steps, from a few kilobytes (measure_bytes); 0 = never (NaN)")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -77,19 +110,26 @@ class CPSGDConfig(CommonConfig):
             _is_int(self.warmup_steps) and self.warmup_steps >= 0,
             "warmup_steps", "an integer >= 0", self.warmup_steps,
         )
+        _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
 
 
 @dataclass(kw_only=True)
 class ADPSGDConfig(CommonConfig):
-    """ADPSGD (seed 004, Algorithm 2). ``sample_steps`` K_s is required (the paper: a quarter of the run)."""
+    """ADPSGD: periodic averaging, period adapted to the drift (Jiang & Agrawal, arXiv 2007.06134, Alg. 2)."""
 
-    sample_steps: int
-    warmup_steps: int = 0
-    p_init: int = 4
-    low: float = 0.7
-    high: float = 1.3
-    p_min: int = 1
-    p_max: int | None = None
+    sample_steps: int = _hp(
+        valid="an integer >= 0 (required)",
+        help="K_s: until this step every sync adds a sample S/lr to the calibration C2; after it "
+             "the period adapts (the paper: a quarter of the run)")
+    warmup_steps: int = _hp(0, valid="an integer >= 0", help=_WARMUP_HELP)
+    p_init: int = _hp(4, valid="an integer >= p_min", help="the period right after the warm-up")
+    low: float = _hp(0.7, valid=">= 0 and < high",
+                     help="the period grows by 1 when the consensus distance S < low * lr * C2")
+    high: float = _hp(1.3, valid="> low (inf: never shrink)",
+                      help="the period shrinks by 1 when S > high * lr * C2")
+    p_min: int = _hp(1, valid="an integer >= 1", help="the smallest period")
+    p_max: int | None = _hp(None, valid="None (no cap) or an integer >= p_init",
+                            help="the largest period")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -115,17 +155,19 @@ class ADPSGDConfig(CommonConfig):
         _check(self.low < self.high, "low", f"< high ({self.high})", self.low)
 
 
-TOPOLOGIES = ("random-pair", "ring", "all")
-
-
 @dataclass(kw_only=True)
 class DPSGDConfig(CommonConfig):
-    """DPSGD (seed 002, eq. 2): ``topology`` in random-pair|ring|all, ``seed`` of the matching,
-    ``log_every`` (compute the consensus distance every that many steps; 0 = never)."""
+    """DPSGD: gossip, each step mixes weights with neighbours (Zhang et al., OpenReview fStMpzKkjMT, eq. 2)."""
 
-    topology: str = "random-pair"
-    seed: int = 0
-    log_every: int = 0
+    topology: str = _hp(
+        "random-pair", choices=TOPOLOGIES, valid='"random-pair", "ring" or "all"',
+        help="neighbours: random-pair = a fresh random pairing each step, ring = both ring "
+             "neighbours, all = every replica (the exact mean)")
+    seed: int = _hp(0, valid="an integer",
+                    help="seed of the random pairing (every rank draws the same one)")
+    log_every: int = _hp(0, valid="an integer >= 0",
+                         help="measure the consensus distance every this many steps (an extra "
+                              "all-reduce of the weights); 0 = never")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -150,15 +192,22 @@ def _check_coefficient(name: str, value: float, cap_name: str, cap: float) -> No
     _check(isinstance(cap, (int, float)) and cap >= value, cap_name, f">= {name} ({value})", cap)
 
 
+_STEPS_PER_EPOCH_HELP = "B, the steps in one epoch: sets how fast scoping grows the coefficients"
+_STEPS_PER_EPOCH_VALID = "an integer >= 1 (required when scoping=True)"
+_SCOPING_HELP = "grow the coefficients by 1/(1 - 1/(2B)) per clock tick up to their caps; False keeps them constant"
+
+
 @dataclass(kw_only=True)
 class EASGDConfig(CommonConfig):
-    """Elastic-SGD (seed 000, eq. 7 with the scoping of eq. 9)."""
+    """Elastic-SGD: each replica pulled towards the replicas' average (Parle paper, arXiv 1707.00424, eq. 7)."""
 
-    rho: float = 1.0
-    rho_max: float = 10.0
-    period: int = 1
-    steps_per_epoch: int | None = None
-    scoping: bool = True
+    rho: float = _hp(1.0, valid="a finite number >= 0 (0: independent replicas)",
+                     help="coupling: rho * (x_a - mean) is added to each replica's gradient")
+    rho_max: float = _hp(10.0, valid=">= rho", help="cap of rho under scoping")
+    period: int = _hp(1, valid="an integer >= 1",
+                      help="steps between two refreshes of the replicas' average (the scoping clock)")
+    steps_per_epoch: int | None = _hp(None, valid=_STEPS_PER_EPOCH_VALID, help=_STEPS_PER_EPOCH_HELP)
+    scoping: bool = _hp(True, valid="True or False", help=_SCOPING_HELP)
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -169,14 +218,16 @@ class EASGDConfig(CommonConfig):
 
 @dataclass(kw_only=True)
 class EntropySGDConfig(CommonConfig):
-    """Entropy-SGD (seed 000, eq. 6): Parle with a single replica."""
+    """Entropy-SGD: L proximal inner steps, then an outer step of the anchor (arXiv 1611.01838; Parle eq. 6)."""
 
-    L: int = 25
-    alpha: float = 0.75
-    gamma: float = 0.01
-    gamma_max: float = 1.0
-    steps_per_epoch: int | None = None
-    scoping: bool = True
+    L: int = _hp(25, valid="an integer >= 1", help="inner steps per outer step (and per weight exchange in parle)")
+    alpha: float = _hp(0.75, valid="in [0, 1)",
+                       help="weight of the running average of the inner iterates: z = alpha z + (1 - alpha) y")
+    gamma: float = _hp(0.01, valid="a finite number >= 0",
+                       help="proximal coupling: gamma * (y - x) pulls the inner iterate y to its anchor x")
+    gamma_max: float = _hp(1.0, valid=">= gamma", help="cap of gamma under scoping")
+    steps_per_epoch: int | None = _hp(None, valid=_STEPS_PER_EPOCH_VALID, help=_STEPS_PER_EPOCH_HELP)
+    scoping: bool = _hp(True, valid="True or False", help=_SCOPING_HELP)
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -188,10 +239,11 @@ class EntropySGDConfig(CommonConfig):
 
 @dataclass(kw_only=True)
 class ParleConfig(EntropySGDConfig):
-    """Parle (seed 000, eq. 8): Entropy-SGD inner loops, anchors coupled elastically."""
+    """Parle: Entropy-SGD on every replica, anchors coupled elastically (arXiv 1707.00424, eq. 8)."""
 
-    rho: float = 1.0
-    rho_max: float = 10.0
+    rho: float = _hp(1.0, valid="a finite number >= 0 (0: independent replicas)",
+                     help="coupling: rho * (x_a - mean of the anchors) joins each anchor's outer step")
+    rho_max: float = _hp(10.0, valid=">= rho", help="cap of rho under scoping")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
@@ -217,6 +269,43 @@ def config_class(name: str) -> type[CommonConfig]:
     if name not in CONFIGS:
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
     return CONFIGS[name]
+
+
+@dataclass(frozen=True)
+class HParamDoc:
+    """One hyper-parameter as documented by its field: what ``--help`` and ``docs/`` show.
+
+    Args:
+        name: the keyword ``build`` takes.
+        help: its meaning, one line.
+        valid: the values ``validate`` accepts, in words.
+        default: the library default, or ``dataclasses.MISSING`` when required.
+        choices: the fixed set of values, or None.
+    """
+
+    name: str
+    help: str
+    valid: str
+    default: Any
+    choices: tuple | None
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+
+def describe(name: str) -> str:
+    """Algorithm ``name`` in one line (its config class's docstring summary)."""
+    return (config_class(name).__doc__ or name).strip().splitlines()[0]
+
+
+def hparam_docs(name: str) -> list[HParamDoc]:
+    """Every hyper-parameter of algorithm ``name`` with its meaning, default, valid values, choices."""
+    return [
+        HParamDoc(name=f.name, help=f.metadata["help"], valid=f.metadata["valid"], default=f.default,
+                  choices=f.metadata.get("choices"))
+        for f in fields(config_class(name))
+    ]
 
 
 def make_config(name: str, hparams: dict[str, object]) -> CommonConfig:

@@ -1,7 +1,7 @@
 """Fail loudly, on every rank, when ranks disagree (configuration, step counters, layouts).
 
 Ranks that disagree on *when* or *what* to communicate hang or, worse, mix the wrong tensors of
-the same size (PITFALLS.md). Each field is hashed to an integer and compared with a MIN and a MAX
+the same size (docs/README.md, "Ranks must agree"). Each field is hashed to an integer and compared with a MIN and a MAX
 all-reduce: two tiny collectives that every rank runs, so a mismatch is an error everywhere,
 never a hang, and works on gloo and NCCL alike (no object collectives).
 """
@@ -21,6 +21,13 @@ def _field_hash(value: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 2  # fits a signed int64
 
 
+def collective_device(group: ProcessGroup | None = None) -> torch.device:
+    """Where a small tensor for a collective over ``group`` must live: CUDA for NCCL, else CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_same_across_ranks(
     fields: Mapping[str, object],
     group: ProcessGroup | None = None,
@@ -37,8 +44,7 @@ def check_same_across_ranks(
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     if device is None:
-        backend = dist.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        device = collective_device(group)
     names = list(fields)
     # The key names take part too, so ranks that pass different keys also fail loudly.
     hashes = [_field_hash(names)] + [_field_hash(fields[k]) for k in names]

@@ -1,8 +1,8 @@
 """Elastic coupling to a reference: the scoping schedule, the reference average, Elastic-SGD.
 
-Chaudhari et al., "Parle: parallelizing stochastic gradient descent" (seed 000): Elastic-SGD is
+Chaudhari et al., "Parle: parallelizing stochastic gradient descent" (arXiv 1707.00424): Elastic-SGD is
 eq. 7, scoping Section 2.4 / eq. 9. We use the *fresh* average of the replicas as the reference
-(ALGORITHMS.md explains why: same communication, exact reductions — with one replica the pull is
+(docs/elastic.md explains why: same communication, exact reductions — with one replica the pull is
 exactly zero).
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from .algorithm import Component, Context
-from .averaging import record_distance, squared_norm
-from .comm import PendingMean, replica_max_, replica_mean_, start_replica_mean
+from .comm import PendingMean, start_distance_mean, start_replica_max, start_replica_mean
+from .inplace import Scratch, add_scaled_difference_
 
 
 def scoped(coef: float, coef_max: float, steps_per_epoch: int | None, clock: int, scoping: bool) -> float:
-    """``min(coef_max, coef * (1 - 1/(2B)) ** (-clock))`` (seed 000, eq. 9), or ``coef`` unscoped.
+    """``min(coef_max, coef * (1 - 1/(2B)) ** (-clock))`` (Parle, eq. 9), or ``coef`` unscoped.
 
     The paper anneals the inverse of our coefficient; ours therefore grows, clipped at ``coef_max``.
     """
@@ -66,25 +66,69 @@ class ReferenceAverage:
         self.started = False
 
 
-def average_buffers(ctx: Context) -> None:
-    """Average floating buffers and max-reduce integer ones (blocking; small: BatchNorm stats)."""
+class BufferAverage:
+    """Average floating buffers and max-reduce integer ones (BatchNorm statistics), asynchronously.
+
+    :meth:`start` launches both on the weight group and returns at once; :meth:`finish` waits.
+    Start it once the forward pass that updates the statistics is over and finish it before the
+    next forward reads them: the optimizer step runs in between, and the (small) traffic hides.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._mean: PendingMean | None = None
+        self._max: list = []
+
+    def start(self) -> None:
+        self.finish()
+        ctx = self.ctx
+        group = ctx.topo.weight_group
+        with torch.no_grad():
+            self._mean = start_replica_mean(ctx.weights.buffer_segments(), ctx.topo, ctx.meter, group=group)
+            self._max = start_replica_max(ctx.weights.max_segments(), ctx.topo, ctx.meter, group=group)
+
+    def finish(self) -> None:
+        if self._mean is not None:
+            self._mean.wait()
+            self._mean = None
+        if self._max:
+            self.ctx.meter.wait(self._max)
+            self._max = []
+
+
+def pull_into_grads(
+    ctx: Context, points: list[torch.Tensor], centres: list[torch.Tensor], coef: float,
+    scratch: Scratch, squares: torch.Tensor | None = None,
+) -> None:
+    """``p.grad += coef * (point - centre)`` for every parameter, without temporaries.
+
+    Bit-identical to ``p.grad.add_(point - centre, alpha=coef)``. With ``squares``, also
+    ``squares += ||point - centre||^2`` over all parameters, from the same chunks.
+
+    Args:
+        ctx: the shared context (its weights' groups give the parameters).
+        points, centres: one parameter-prefix-shaped tensor per flat group each.
+        coef: the coupling coefficient.
+        scratch: the chunk buffers.
+        squares: a float64 0-dim accumulator, or None.
+    """
     with torch.no_grad():
-        replica_mean_(ctx.weights.buffer_segments(), ctx.topo, ctx.meter)
-        replica_max_(ctx.weights.max_segments(), ctx.topo, ctx.meter)
-
-
-def add_to_grads(ctx: Context, deltas: list[torch.Tensor], alpha: float) -> None:
-    """``p.grad += alpha * delta`` for every parameter, ``delta`` given per flat group."""
-    for group, delta in zip(ctx.weights.groups, deltas):
-        for p, d in zip(group.params, group.split_params(delta)):
-            if p.grad is None:
-                p.grad = d.mul(alpha)
-            else:
-                p.grad.add_(d, alpha=alpha)
+        for group, point, centre in zip(ctx.weights.groups, points, centres):
+            for p, a, b in zip(group.params, group.split_params(point), group.split_params(centre)):
+                if p.grad is None:  # an unused parameter: its gradient is the pull alone
+                    p.grad = torch.zeros_like(p)
+                add_scaled_difference_(p.grad, a, b, coef, scratch.for_tensor(a), squares)
 
 
 class ElasticPull(Component):
-    """Elastic-SGD (seed 000, eq. 7): ``g_a = grad + rho_k (x_a - x~)``, ``x~`` refreshed every ``period``.
+    """Elastic-SGD (Parle, arXiv 1707.00424, eq. 7): ``g_a = grad + rho_k (x_a - x~)``.
+
+    The reference ``x~`` is refreshed every ``period`` steps. Its all-reduce starts when step
+    ``k`` begins and runs during that step's forward and backward passes. The pull is added to
+    the gradients chunk by chunk (no model-size temporary), and the consensus distance
+    ``mean_a ||x~ - x_a||^2`` of a refresh step comes from the same chunks, averaged by a scalar
+    all-reduce that no step waits for (``measure_bytes``). At a refresh, floating buffers are
+    averaged while the optimizer steps and land before the next forward.
 
     Args:
         ctx: the shared context.
@@ -101,6 +145,8 @@ class ElasticPull(Component):
         self.ctx, self.rho, self.rho_max, self.period = ctx, rho, rho_max, period
         self.steps_per_epoch, self.scoping = steps_per_epoch, scoping
         self.reference = ReferenceAverage(ctx)
+        self.buffer_average = BufferAverage(ctx)
+        self.scratch = Scratch(ctx.weights)
         self.k = 0
 
     def coefficient(self, k: int) -> float:
@@ -108,21 +154,23 @@ class ElasticPull(Component):
 
     def prepare(self, k: int) -> None:
         self.k = k
+        self.buffer_average.finish()  # the statistics must be in place before this forward
         if k % self.period == 0:
             # The weights as they stand at the start of step k; they stay put through its
             # forward and backward, so the all-reduce runs concurrently with them.
             self.reference.start(self.ctx.weights.param_segments())
 
     def before_optimizer(self, k: int) -> None:
+        if k % self.period == 0:
+            self.ctx.guard.before_exchange("Elastic-SGD reference average", k)
         ref = self.reference.get()
-        with torch.no_grad():
-            deltas = [x - r for x, r in zip(self.ctx.weights.param_segments(), ref)]
-        if k % self.period == 0 and self.ctx.topo.num_replicas > 1:
+        refresh = k % self.period == 0 and self.ctx.topo.num_replicas > 1
+        squares = torch.zeros((), dtype=torch.float64, device=self.ctx.weights.device) if refresh else None
+        pull_into_grads(self.ctx, self.ctx.weights.param_segments(), ref, self.coefficient(k), self.scratch, squares)
+        if refresh:
             self.ctx.meter.syncs += 1
-            record_distance(self.ctx, squared_norm(deltas))
-            average_buffers(self.ctx)
-        with torch.no_grad():
-            add_to_grads(self.ctx, deltas, self.coefficient(k))
+            start_distance_mean(squares, k, self.ctx.topo, self.ctx.meter)
+            self.buffer_average.start()
 
     def stats(self) -> dict[str, float]:
         return {"rho": self.coefficient(self.k)}

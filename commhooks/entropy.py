@@ -1,4 +1,4 @@
-"""Entropy-SGD inner loops with elastically coupled anchors: Parle (seed 000, eq. 8; eq. 6).
+"""Entropy-SGD inner loops with elastically coupled anchors: Parle (arXiv 1707.00424, eq. 8; eq. 6).
 
 The model's parameters hold the inner iterate ``y_a``. Per replica: the anchor ``x_a``, the
 running average ``z_a`` and the anchor's momentum ``v_a``. Step ``k`` (``s = k // L``):
@@ -18,12 +18,20 @@ from typing import Any
 import torch
 
 from .algorithm import Component, Context
-from .averaging import record_distance, squared_norm
-from .elastic import ReferenceAverage, add_to_grads, average_buffers, scoped
+from .comm import start_distance_mean
+from .elastic import BufferAverage, ReferenceAverage, pull_into_grads, scoped
+from .inplace import Scratch
 
 
 class ProximalInnerLoop(Component):
-    """The Parle/Entropy-SGD step wrapper (ALGORITHMS.md, "Entropy-SGD and Parle").
+    """The Parle/Entropy-SGD step wrapper (Parle, arXiv 1707.00424, eq. 8; Entropy-SGD eq. 6).
+
+    State: the anchor, the running average and the anchor's momentum (three parameter-sized
+    buffers), plus, with several replicas, the buffer the anchors' average is reduced into while
+    the ``L`` inner steps run (so that it never blocks). Every step works in place: the proximal
+    pull goes into the gradients chunk by chunk, the running average is one ``lerp_``, and the
+    outer step turns the running average and the reference into its own temporaries, which it
+    then resets. With one replica (Entropy-SGD) there is no reference at all: ``x~ = x_a``.
 
     Args:
         ctx: the shared context.
@@ -46,7 +54,9 @@ class ProximalInnerLoop(Component):
         self.anchor = [p.detach().clone() for p in params]
         self.average = [p.detach().clone() for p in params]
         self.velocity = [torch.zeros_like(p) for p in params]
-        self.reference = ReferenceAverage(ctx)
+        self.reference = ReferenceAverage(ctx) if ctx.topo.num_replicas > 1 else None
+        self.buffer_average = BufferAverage(ctx)
+        self.scratch = Scratch(ctx.weights)
         self.k = 0
 
     def coefficients(self, k: int) -> tuple[float, float]:
@@ -58,42 +68,45 @@ class ProximalInnerLoop(Component):
 
     def prepare(self, k: int) -> None:
         self.k = k
-        if not self.reference.started:
+        self.buffer_average.finish()
+        if self.reference is not None and not self.reference.started:
             # The anchors stay put for the L inner steps: their average runs meanwhile.
             self.reference.start(self.anchor)
 
     def before_optimizer(self, k: int) -> None:
         gamma, _ = self.coefficients(k)
-        with torch.no_grad():
-            y = self.ctx.weights.param_segments()
-            add_to_grads(self.ctx, [yi - xi for yi, xi in zip(y, self.anchor)], gamma)
+        pull_into_grads(self.ctx, self.ctx.weights.param_segments(), self.anchor, gamma, self.scratch)
 
     def after_optimizer(self, k: int) -> None:
         y = self.ctx.weights.param_segments()
         with torch.no_grad():
             for z, yi in zip(self.average, y):
-                z.mul_(self.alpha).add_(yi, alpha=1.0 - self.alpha)
+                z.lerp_(yi, 1.0 - self.alpha)  # z = alpha z + (1 - alpha) y, one pass
         if (k + 1) % self.L == 0:
             self._outer_step(k)
 
     def _outer_step(self, k: int) -> None:
         _, rho = self.coefficients(k)
         lr, mu = self.ctx.lr, self.ctx.momentum
-        ref = self.reference.get()
+        self.ctx.guard.before_exchange("Parle anchor average", k)
+        refs = self.reference.get() if self.reference is not None else [None] * len(self.anchor)
+        squares = torch.zeros((), dtype=torch.float64, device=self.ctx.weights.device)
         with torch.no_grad():
-            pulls = [x - r for x, r in zip(self.anchor, ref)]
-        if self.ctx.topo.num_replicas > 1:
-            self.ctx.meter.syncs += 1
-            record_distance(self.ctx, squared_norm(pulls))
-        with torch.no_grad():
-            for x, z, v, pull, y in zip(self.anchor, self.average, self.velocity, pulls, self.ctx.weights.param_segments()):
-                d = (x - z).add_(pull, alpha=rho)
+            for x, z, v, ref, y in zip(self.anchor, self.average, self.velocity, refs, self.ctx.weights.param_segments()):
+                d = torch.sub(x, z, out=z)  # x - z, in the running average's buffer (reset below)
+                if ref is not None:
+                    pull = torch.sub(x, ref, out=ref)  # x - x~, in the consumed reference
+                    squares.add_(torch.dot(pull, pull))
+                    d.add_(pull, alpha=rho)
                 v.mul_(mu).add_(d)
                 x.sub_(d.add_(v, alpha=mu), alpha=lr)
                 y.copy_(x)
                 z.copy_(x)
-        average_buffers(self.ctx)
-        self.reference.discard()  # consumed: prepare() starts the next outer period's average
+        if self.reference is not None:
+            self.ctx.meter.syncs += 1
+            start_distance_mean(squares, k + 1, self.ctx.topo, self.ctx.meter)
+            self.reference.discard()  # consumed: prepare() starts the next outer period's average
+            self.buffer_average.start()
 
     def consensus_params(self) -> list[torch.Tensor]:
         return self.anchor
@@ -114,4 +127,5 @@ class ProximalInnerLoop(Component):
             for key in ("anchor", "average", "velocity"):
                 for dst, src in zip(getattr(self, key), state[key]):
                     dst.copy_(src)
-        self.reference.discard()  # it was started from the anchors before loading
+        if self.reference is not None:
+            self.reference.discard()  # it was started from the anchors before loading

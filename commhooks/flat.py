@@ -2,7 +2,7 @@
 
 A weight synchronisation is then one in-place collective over one tensor per dtype, with no
 ``torch.cat`` and no copy-in/copy-out: PyTorch's ``PeriodicModelAverager`` concatenates at every
-sync and costs 1.6-2.2x a raw all-reduce of the same bytes (DESIGN.md, "Performance aims").
+sync and costs 1.6-2.2x a raw all-reduce of the same bytes (README.md, "Benchmarks").
 
 Layout of one floating group (one per dtype/device): ``[parameters | floating buffers]``, so the
 parameter segment is a prefix and ``buffers="local"`` simply communicates the prefix only.

@@ -24,11 +24,14 @@ class GradSyncState:
         meter: where bytes and blocked seconds are charged.
         on_first_bucket: called once per backward, before the first bucket is reduced; the
             gossip exchange starts there so it overlaps the rest of the backward pass.
+        on_backward: called once per backward before anything else (the step check of
+            ``commhooks.guards``).
     """
 
     group: ProcessGroup | None
     meter: CommMeter
     on_first_bucket: Callable[[], None] | None = None
+    on_backward: Callable[[], None] | None = None
     _started: bool = False
     _launched: list[float] = field(default_factory=list)
     _done: list[float] = field(default_factory=list)
@@ -36,6 +39,8 @@ class GradSyncState:
     def begin_bucket(self) -> None:
         if not self._started:
             self._started = True
+            if self.on_backward is not None:
+                self.on_backward()
             if self.on_first_bucket is not None:
                 self.on_first_bucket()
 

@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> None:
         args: a namespace from `parse_args`.
     """
     _set_worker_environment()
+    if "OMP_NUM_THREADS" not in os.environ and torchrun.determine_local_world_size(args.nproc_per_node) > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # what torchrun sets then, without its warning banner
     where = (
         "standalone (one node, loopback)"
         if args.standalone

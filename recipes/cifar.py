@@ -32,7 +32,8 @@ RECIPE = Recipe(
         "cifar100": DatasetDefaults(**_CIFAR),
         # smoke runs: a narrow ResNet-18, two short epochs
         "synthetic": DatasetDefaults(model="resnet18", epochs=2, batch_size=32, lr=0.05,
-                                     milestones=(), lr_decay=0.2, weight_decay=5e-4, width=0.125),
+                                     milestones=(), lr_decay=0.2, weight_decay=5e-4, width=0.125,
+                                     offline=True),
     },
     default_dataset="cifar10",
     models=("resnet18", "wrn-28-10", "wrn-16-4", "allcnn"),

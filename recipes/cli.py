@@ -2,8 +2,10 @@
 
 The hyper-parameter flags are generated from ``commhooks.config_class(name)`` (dataclass
 fields), so a field added to the library is a flag here with no edit: ``noise_std`` is
-``--noise-std``, ``L`` is ``--L``. A flag that the chosen ``--algo`` does not take is an error.
-All of them default to ``None`` = "the recipe's default (:func:`algo_defaults`), else the
+``--noise-std``, ``L`` is ``--L``. Their help text, valid values and choices come from the
+fields' own documentation (``commhooks.config.hparam_docs``), the same source as ``docs/``.
+A flag that the chosen ``--algo`` does not take is an error. All of them default to ``None`` =
+"the recipe's default (:func:`algo_defaults`, described by :data:`RECIPE_DEFAULTS`), else the
 library's", so the run can say which values it chose and why.
 """
 
@@ -11,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
+import re
+import time
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import commhooks
+from commhooks.config import CommonConfig, HParamDoc, describe, hparam_docs
 from launch.exitcodes import EXIT_USAGE
 
 from recipes.data import POLICIES, Dataset
@@ -40,6 +46,7 @@ class DatasetDefaults:
     weight_decay: float
     momentum: float = 0.9
     width: float = 1.0
+    offline: bool = False  # needs no files in --data-dir (generated or shipped with a package)
 
 
 @dataclass(kw_only=True)
@@ -68,13 +75,18 @@ def _unwrap(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _converter(tp: Any, default: Any) -> tuple[Callable[[str], Any], tuple | None]:
-    """A string -> value function for a field type, and the choices of a Literal."""
+def _show_choices(choices: Sequence[Any]) -> str:
+    return ", ".join("none" if c is None else str(c) for c in choices)
+
+
+def _converter(tp: Any, default: Any, choices: tuple | None = None
+               ) -> tuple[Callable[[str], Any], tuple | None]:
+    """A string -> value function for a field type, and its choices (given, or a Literal's)."""
     inner, optional = _unwrap(tp)
-    choices = None
     if typing.get_origin(inner) is Literal:
         choices = tuple(typing.get_args(inner))
-        base = type(choices[0])
+    if choices is not None:
+        base = type(next(c for c in choices if c is not None))
     elif isinstance(inner, type):
         base = inner
     else:  # an annotation we cannot resolve: fall back on the default's type
@@ -87,7 +99,7 @@ def _converter(tp: Any, default: Any) -> tuple[Callable[[str], Any], tuple | Non
             return math.inf
         value = base(text)
         if choices is not None and value not in choices:
-            raise argparse.ArgumentTypeError(f"choose from {choices}")
+            raise argparse.ArgumentTypeError(f"choose from {_show_choices(choices)}")
         return value
 
     convert.__name__ = getattr(base, "__name__", "value")  # argparse names it in errors
@@ -108,29 +120,106 @@ def hparam_fields() -> dict[str, list[tuple[str, dataclasses.Field, Any]]]:
     return out
 
 
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def default_text(algo: str, doc: HParamDoc) -> str:
+    """The default a recipe run uses for ``doc`` under ``algo``, in words."""
+    library = "required" if doc.required else _show(doc.default)
+    recipe = RECIPE_DEFAULTS.get((algo, doc.name))
+    if recipe is None:
+        return library
+    return f"{recipe} (library: {library})"
+
+
+def _hparam_help(uses: list[tuple[str, HParamDoc]]) -> str:
+    """One paragraph per distinct meaning: the algorithms, the meaning, valid values, defaults."""
+    paragraphs: dict[tuple[str, str], list[str]] = {}
+    for algo, doc in uses:
+        paragraphs.setdefault((doc.help, doc.valid), []).append(algo)
+    lines = []
+    for (meaning, valid), algos in paragraphs.items():
+        every = len(algos) == len(commhooks.ALGORITHMS)
+        defaults = {default_text(a, doc) for a, doc in uses if a in algos}
+        if len(defaults) == 1:
+            default = f"default {defaults.pop()}"
+        else:
+            default = "defaults: " + "; ".join(
+                f"{a} {default_text(a, doc)}" for a, doc in uses if a in algos)
+        lines.append(f"{'every algorithm' if every else ', '.join(algos)}: {meaning}. "
+                     f"Valid: {valid}; {default}.")
+    return "\n".join(lines)
+
+
 def _add_hparam_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "algorithm hyper-parameters (ALGORITHMS.md; default: the recipe's, printed at start)")
-    for name, uses in sorted(hparam_fields().items(), key=lambda kv: kv[0].lower()):
+        "algorithm hyper-parameters",
+        "The update rules and papers: docs/README.md. Unset flags take the recipe's default, else "
+        "the library's; the values in use are printed at start.")
+    docs = {(algo, doc.name): doc for algo in commhooks.ALGORITHMS for doc in hparam_docs(algo)}
+    for name, fields_ in sorted(hparam_fields().items(), key=lambda kv: kv[0].lower()):
         if name in _SHARED:
             continue
-        _, f, tp = uses[0]
-        libs = {a: ("required" if g.default is dataclasses.MISSING else f"{g.default}") for a, g, _ in uses}
-        if len(set(libs.values())) == 1:
-            algos = ", ".join(libs) + f"; library default {next(iter(libs.values()))}"
-        else:
-            algos = "library defaults: " + ", ".join(f"{a} {v}" for a, v in libs.items())
+        uses = [(algo, docs[algo, name]) for algo, _, _ in fields_]
+        doc, tp = uses[0][1], fields_[0][2]
         flag = "--" + name.replace("_", "-")
         inner, _ = _unwrap(tp)
         if inner is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"({algos})")
+                               help=_hparam_help(uses))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else None
-            conv, choices = _converter(tp, default)
-            group.add_argument(flag, dest=name, type=conv, default=None,
-                               metavar="|".join(map(str, choices)) if choices else None,
-                               help=f"({algos})")
+            default = doc.default if doc.default is not dataclasses.MISSING else None
+            conv, choices = _converter(tp, default, doc.choices)
+            metavar = "{" + _show_choices(choices).replace(", ", ",") + "}" if choices else name.upper()
+            group.add_argument(flag, dest=name, type=conv, default=None, metavar=metavar,
+                               help=_hparam_help(uses))
+
+
+_QUIET_RANK_DELAY_S = 3.0
+
+
+def _is_first_rank() -> bool:
+    # Under torchrun every rank parses the same command line: one copy of help or an error is enough.
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake gets a short answer: the error, a guess, where help is (no usage
+    wall); under torchrun only rank 0 prints."""
+
+    def print_help(self, file: typing.IO[str] | None = None) -> None:
+        if _is_first_rank():
+            super().print_help(file)
+
+    def error(self, message: str) -> typing.NoReturn:
+        if not _is_first_rank():
+            # torchrun stops every rank once one exits: let rank 0 say what is wrong first
+            time.sleep(_QUIET_RANK_DELAY_S)
+            self.exit(EXIT_USAGE)
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [s for a in self._actions for s in a.option_strings]
+            guesses = [m[0] for w in message.split(":", 1)[1].split()
+                       if w.startswith("--") and (m := difflib.get_close_matches(w.split("=")[0], flags, n=1))]
+            hint = f" (did you mean {' '.join(guesses)}?)" if guesses else ""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{hint}\n"
+                     f"{self.prog} --help lists every flag with its default (and docs/recipes.md)\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, keeping explicit line breaks in help texts (one per algorithm)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        lines: list[str] = []
+        for part in text.splitlines():
+            lines += super()._split_lines(part, width)
+        return lines
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # descriptions and epilogs: wrap prose lines, keep indented ones (tables) as they are
+        return "\n".join(indent + line if line.startswith(" ") else super(_Formatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,56 +233,65 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_TIMEOUT_CUDA_S = 300.0
 
 
-class _RecipeParser(argparse.ArgumentParser):
-    """Every rank parses the same command line: only global rank 0 prints (help, errors), and
-    an error is one line with a pointer to --help, not the usage of some sixty flags."""
-
-    def _print_message(self, message: str, file: Any = None) -> None:
-        if os.environ.get("RANK", "0") == "0":
-            super()._print_message(message, file)
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n"
-                              f"(`{self.prog} --help` lists every flag)\n")
-
-
 def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.replace(" ", "").split(",") if t]
 
 
+def _dataset_help(recipe: Recipe) -> str:
+    need = [n for n, d in recipe.datasets.items() if not d.offline]
+    offline = [n for n, d in recipe.datasets.items() if d.offline]
+    text = f"default {recipe.default_dataset}"
+    if not recipe.datasets[recipe.default_dataset].offline:
+        text += " (its files must be in --data-dir: pass --download the first time)"
+    return text + (f". {', '.join(offline)}: offline, no download" if offline and need else "")
+
+
+def _algorithms_epilog() -> str:
+    return "algorithms (--algo):\n" + "\n".join(f"  {a:<11} {describe(a)}" for a in commhooks.ALGORITHMS)
+
+
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
-    p = _RecipeParser(
+    p = _Parser(
         prog=f"python -m recipes.{recipe.name}", description=recipe.description,
-        epilog="data set defaults: " + "; ".join(
-            f"{name}: {d.model} x{d.width}, {d.epochs} epochs, batch {d.batch_size}, lr {d.lr}, "
-            f"wd {d.weight_decay}" for name, d in recipe.datasets.items()))
+        formatter_class=_Formatter,
+        epilog="data set defaults:\n" + "\n".join(
+            f"  {name}: {d.model} x{d.width}, {d.epochs} epochs, batch {d.batch_size}, lr {d.lr}, "
+            f"wd {d.weight_decay}" for name, d in recipe.datasets.items())
+        + "\n" + _algorithms_epilog()
+        + "\nDocumentation: docs/README.md (algorithms, flags: docs/recipes.md, metrics: docs/metrics.md).")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=sorted(recipe.datasets), default=recipe.default_dataset)
-    g.add_argument("--data-dir", default="./data", help="where torchvision data sets live (./data)")
+    g.add_argument("--dataset", choices=sorted(recipe.datasets), default=recipe.default_dataset,
+                   help=_dataset_help(recipe))
+    g.add_argument("--data-dir", default="./data", help="where torchvision data sets live (default ./data)")
     g.add_argument("--download", action="store_true", help="download the data set if missing")
     g.add_argument("--no-verify", dest="verify", action="store_false",
                    help="accept a data folder whose files do not match torchvision's md5 sums")
-    g.add_argument("--model", choices=recipe.models, default=None, help="default: per data set")
-    g.add_argument("--width", type=float, default=None, help="channel multiplier (1 = the paper's)")
+    g.add_argument("--model", choices=recipe.models, default=None,
+                   help="default per data set (below)")
+    g.add_argument("--width", type=float, default=None,
+                   help="channel multiplier, 1 = the paper's (default per data set)")
     g.add_argument("--data-policy", choices=POLICIES, default=None,
-                   help="shard | replica | split (ALGORITHMS.md); default: replica for easgd and "
-                        "parle (the Parle paper's setting), shard otherwise")
+                   help="shard = every rank a disjoint 1/W of each epoch; replica = every replica the "
+                        "whole set in its own order; split = one fixed part per replica. Default "
+                        "replica for easgd and parle (the Parle paper's setting), shard otherwise")
 
     t = p.add_argument_group("training")
-    t.add_argument("--algo", choices=commhooks.ALGORITHMS, default="ssgd", help="(ssgd)")
-    t.add_argument("--epochs", type=int, default=None, help="default: per data set, as below")
-    t.add_argument("--batch-size", type=int, default=None, help="per rank")
-    t.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    t.add_argument("--algo", choices=commhooks.ALGORITHMS, default="ssgd",
+                   help="the algorithm (listed below; docs/README.md). Default ssgd")
+    t.add_argument("--epochs", type=int, default=None, help="default per data set (below)")
+    t.add_argument("--batch-size", type=int, default=None, help="per rank (default per data set)")
+    t.add_argument("--lr", type=float, default=None, help="initial learning rate (default per data set)")
     t.add_argument("--lr-milestones", type=_int_list, default=None,
                    help="epochs at which the lr is multiplied by --lr-decay, e.g. 60,120,160 "
                         "(default: the data set's, as fractions of --epochs)")
-    t.add_argument("--lr-decay", type=float, default=None)
-    t.add_argument("--momentum", type=float, default=None)
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--lr-decay", type=float, default=None, help="lr factor at each milestone (default per data set)")
+    t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="Nesterov momentum (default on)")
+    t.add_argument("--weight-decay", type=float, default=None, help="default per data set (below)")
     t.add_argument("--replica-size", type=int, default=None,
                    help="ranks per replica; default 1 (entropysgd: the world size, one replica)")
-    t.add_argument("--seed", type=int, default=0, help="also the algorithms' own seed (0)")
+    t.add_argument("--seed", type=int, default=0, help="also the algorithms' own seed (default 0)")
     t.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for forward/backward (default: on with CUDA, off on CPU)")
@@ -206,11 +304,13 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                         f"checkpoint write)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--logdir", default=None, help="TensorBoard directory (default: runs/<recipe>-<algo>)")
+    o.add_argument("--logdir", default=None,
+                   help=f"TensorBoard directory (default: a new {RUNS_ROOT}/{recipe.name}-DATASET-ALGO-N "
+                        "for every run; a run resumed from --checkpoint-dir keeps its own)")
     o.add_argument("--results", default=None, metavar="FILE.json", help="summary written by rank 0")
-    o.add_argument("--checkpoint-dir", default=None)
-    o.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="0 = never")
-    o.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS", help="(1)")
+    o.add_argument("--checkpoint-dir", default=None, help="per-rank checkpoints; a rerun resumes from the latest")
+    o.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="default 0 = never")
+    o.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS", help="default 1")
     o.add_argument("--log-interval", type=int, default=None, metavar="STEPS",
                    help="train scalars (default: about 10 per epoch)")
     _add_hparam_flags(p)
@@ -289,15 +389,33 @@ _SMALL_L = 5
 _MIN_OUTER_PER_EPOCH = 4
 
 
+# What algo_defaults chooses, in words, for --help and docs/recipes.md (a test checks that every
+# value algo_defaults sets is described here or equals the library default).
+RECIPE_DEFAULTS: dict[tuple[str, str], str] = {
+    ("ssgd-noise", "noise_std"): "0.01",
+    ("cpsgd", "period"): "8",
+    ("adpsgd", "warmup_steps"): "one epoch (a tenth of the run when an epoch is half of it)",
+    ("adpsgd", "sample_steps"): "a quarter of the run",
+    ("dpsgd", "log_every"): "--log-interval (about 10 per epoch)",
+    ("easgd", "steps_per_epoch"): "the run's steps per epoch",
+    ("entropysgd", "L"): f"{_PARLE_L} ({_SMALL_L} when an epoch has < {_MIN_OUTER_PER_EPOCH * _PARLE_L} steps)",
+    ("entropysgd", "steps_per_epoch"): "the run's steps per epoch",
+    ("parle", "L"): f"{_PARLE_L} ({_SMALL_L} when an epoch has < {_MIN_OUTER_PER_EPOCH * _PARLE_L} steps)",
+    ("parle", "steps_per_epoch"): "the run's steps per epoch",
+}
+
+
 def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: int,
                   log_interval: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """The recipe's defaults for ``algo`` (the papers'), and notes on those adapted to the run.
 
     - ssgd-noise: ``noise_std = 0.01``, the DPSGD paper's best-converging SSGD* (Section 4.3);
-    - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against;
+    - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against, and the
+      consensus distance estimated at the first sync after every train log (``log_every``);
     - adpsgd: warm-up of one epoch and ``sample_steps`` a quarter of the run (ADPSGD, Section III);
-    - dpsgd: the consensus distance measured at every train log (``log_every``; one extra
-      all-reduce then) so that TensorBoard shows how far the gossiping replicas drift apart;
+    - dpsgd: the consensus distance estimated at every train log (``log_every``; a few
+      kilobytes then, counted in ``measure_bytes``, not ``comm_bytes``) so that TensorBoard
+      shows how far the gossiping replicas drift apart;
     - easgd: ``steps_per_epoch`` = this run's B (the scoping of Parle eq. 9);
     - entropysgd/parle: ``L = 25``, ``alpha = 0.75`` (Parle, Section 3), ``steps_per_epoch`` = B;
       ``L`` becomes 5 on small data sets (< 4 outer steps per epoch at L = 25).
@@ -307,7 +425,7 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     if algo == "ssgd-noise":
         d = {"noise_std": 0.01}
     elif algo == "cpsgd":
-        d = {"period": 8}
+        d = {"period": 8, "log_every": log_interval or max(1, B // 10)}
     elif algo == "adpsgd":
         d = {"warmup_steps": B, "p_init": 4, "sample_steps": max(1, total_steps // 4)}
         if B >= total_steps // 2:
@@ -357,3 +475,77 @@ def resolve_hparams(args: argparse.Namespace, *, steps_per_epoch: int, total_ste
         else:
             effective[f.name] = None
     return passed, effective, notes
+
+
+def _md_value(value: Any) -> str:
+    return f'`"{value}"`' if isinstance(value, str) else f"`{value}`"
+
+
+def hparam_markdown(algo: str, *, common: bool = False) -> str:
+    """``algo``'s hyper-parameter table as the docs/ pages show it, from the fields' own
+    documentation (tests/test_docs.py checks that the pages hold exactly this table).
+
+    Args:
+        algo: a name from ``commhooks.ALGORITHMS``.
+        common: the options every algorithm takes (buffers, ...) instead of ``algo``'s own.
+    """
+    shared = {f.name for f in dataclasses.fields(CommonConfig)}
+    rows = ["| keyword (flag) | meaning | default | recipes' default | valid values |",
+            "|---|---|---|---|---|"]
+    for doc in hparam_docs(algo):
+        if (doc.name in shared) != common:
+            continue
+        library = "required" if doc.required else _md_value(doc.default)
+        recipe = RECIPE_DEFAULTS.get((algo, doc.name), "the same")
+        flag = "--" + doc.name.replace("_", "-")
+        rows.append(f"| `{doc.name}` (`{flag}`) | {doc.help} | {library} | {recipe} | {doc.valid} |")
+    return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a run's TensorBoard files go
+
+RUNS_ROOT = "runs"
+# In the checkpoint directory: the logdir of the run that writes the checkpoints, so that a
+# resumed run continues its own curves.
+LOGDIR_FILE = "tensorboard-logdir"
+
+
+def fresh_logdir(root: str, name: str) -> str:
+    """Create and return ``root/name-N`` with the next free N (1, 2, ...); safe against a race."""
+    os.makedirs(root, exist_ok=True)
+    pattern = re.compile(re.escape(name) + r"-(\d+)$")
+    n = max((int(m.group(1)) for e in os.listdir(root) if (m := pattern.match(e))), default=0)
+    while True:
+        n += 1
+        path = os.path.join(root, f"{name}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def run_logdir(args: argparse.Namespace, recipe_name: str, *, resuming: bool) -> tuple[str, str | None]:
+    """This run's TensorBoard directory (rank 0 calls it), and a warning to print, if any.
+
+    ``--logdir`` is honoured as given. Otherwise a resumed run continues in the directory its
+    checkpoints name, and a new run gets a fresh ``runs/<recipe>-<dataset>-<algo>-N``: two runs
+    in one directory draw one zig-zag curve in TensorBoard.
+    """
+    marker = os.path.join(args.checkpoint_dir, LOGDIR_FILE) if args.checkpoint_dir else None
+    if args.logdir:
+        logdir = args.logdir
+        old = os.path.isdir(logdir) and any(f.startswith("events.out.tfevents") for f in os.listdir(logdir))
+        warning = (f"--logdir {logdir} already holds another run's TensorBoard events: both will share "
+                   "its curves (omit --logdir for a fresh directory)") if old and not resuming else None
+    elif resuming and marker and os.path.isfile(marker):
+        with open(marker) as f:
+            logdir, warning = f.read().strip(), None
+    else:
+        logdir = fresh_logdir(RUNS_ROOT, f"{recipe_name}-{args.dataset}-{args.algo}")
+        warning = None
+    if marker and not resuming:
+        with open(marker, "w") as f:
+            f.write(logdir + "\n")
+    return logdir, warning

@@ -5,7 +5,7 @@ memory), each epoch's order comes from a generator seeded with ``(seed, epoch, s
 augmentation (pad-4 random crop, horizontal flip) is batched tensor work. The same code runs on
 CPU. Idea from airbench's ``CifarLoader``; the code is ours.
 
-Data policies (ALGORITHMS.md, "Data per replica"; Parle paper, Section 5):
+Data policies (docs/recipes.md, "Data policies"; Parle paper, Section 5):
 
 - ``shard``: every rank sees a disjoint ``1/W`` of each epoch (plain data-parallel training);
 - ``replica``: every replica sees the whole set in its own order, sharded among its ``m`` ranks;

@@ -30,9 +30,9 @@ RECIPE = Recipe(
                                  milestones=(0.3, 0.6, 0.9), lr_decay=0.1, weight_decay=0.0),
         # 1437 training images: small batches so an epoch is more than a handful of steps
         "digits": DatasetDefaults(model="lenet", epochs=5, batch_size=32, lr=0.1,
-                                  milestones=(0.6,), lr_decay=0.1, weight_decay=5e-4),
+                                  milestones=(0.6,), lr_decay=0.1, weight_decay=5e-4, offline=True),
         "synthetic": DatasetDefaults(model="lenet", epochs=2, batch_size=64, lr=0.05,
-                                     milestones=(), lr_decay=0.1, weight_decay=0.0),
+                                     milestones=(), lr_decay=0.1, weight_decay=0.0, offline=True),
     },
     default_dataset="mnist",
     models=("lenet",),

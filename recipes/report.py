@@ -2,7 +2,13 @@
 
 Only rank 0 builds a :class:`Reporter` that writes; the others get a silent one, so the
 training loop calls it unconditionally. The progress bar is live only on a terminal; otherwise
-(CI, tests, ``> log``) one plain line per evaluation is printed instead of a redrawn bar.
+(CI, tests, ``> log``) a plain progress line is printed every few seconds and one line per
+evaluation, instead of a redrawn bar.
+
+TensorBoard x axes (docs/metrics.md): every tag is logged against the optimizer step; the key
+curves are also logged under ``by_images/`` (step = images processed by all ranks together) and
+``by_time/`` (step = seconds since the run started, resumes included), because algorithms and
+data policies take different numbers of steps for the same epoch.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 # ``algo.stats()`` keys -> TensorBoard tags; algorithm-specific keys are filed under the paper
@@ -25,12 +32,35 @@ _STAT_TAGS = {
 }
 
 
+# Curves also logged against images seen and seconds, so that runs of different algorithms line up.
+AXIS_TAGS = ("val/acc", "val/loss", "train/loss")
+BY_IMAGES = "by_images/"  # step = images processed by all ranks together
+BY_TIME = "by_time/"  # step = whole seconds since the run started (resumes included)
+
+
 def stat_tag(algo: str, key: str) -> str:
     if key in _STAT_TAGS and not (key == "period" and algo != "adpsgd"):
         return _STAT_TAGS[key]
     if key == "rho" and algo in ("parle", "entropysgd"):
         return "parle/rho"
     return f"{algo}/{key}"
+
+
+def run_figures(algo: str, stats: dict[str, Any], lr: float) -> dict[str, Any]:
+    """What an evaluation line and the summary show beside accuracy: the learning rate, the
+    consensus distance, the algorithm's own coefficients (ADPSGD's period, gamma and rho),
+    syncs and MB sent (see docs/metrics.md)."""
+    out: dict[str, Any] = {"lr": lr, "consensus": stats.get("consensus_distance")}
+    for key in ("period", "gamma", "rho"):
+        if key in stats:
+            out[key] = stats[key]
+    out["syncs"] = int(stats.get("syncs", 0))
+    out["comm MB"] = stats.get("comm_bytes", 0) / 1e6
+    return out
+
+
+def format_figures(figures: dict[str, Any]) -> str:
+    return " ".join(f"{k} {_fmt(v)}" for k, v in figures.items())
 
 
 def _scalar(v: Any) -> float | None:
@@ -49,14 +79,24 @@ class Reporter:
         logdir: TensorBoard directory, or None for none.
         total_steps: length of the progress bar.
         title: shown on the bar and the table.
+        start_step: the step the run starts (or resumes) at.
+        images_per_step: images all ranks process in one step (the ``by_images/`` axis).
+        elapsed: seconds the run has already taken (an earlier attempt's, when resuming, plus
+            this one's start-up): the ``by_time/`` axis continues from there.
+        line_every: seconds between plain progress lines when not on a terminal.
     """
 
     def __init__(self, *, enabled: bool, logdir: str | None, total_steps: int, title: str,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, images_per_step: int = 0, elapsed: float = 0.0,
+                 line_every: float = 10.0) -> None:
         self.enabled = enabled
         self.writer = None
         self._progress = None
         self.console = None
+        self.total_steps, self.images_per_step, self.line_every = total_steps, images_per_step, line_every
+        self._t0 = time.perf_counter() - elapsed  # the run's clock, resumes included
+        self._since = (time.perf_counter(), start_step)  # this attempt's start, for the rate
+        self._last_line = time.perf_counter()
         if not enabled:
             return
         from rich.console import Console
@@ -86,10 +126,24 @@ class Reporter:
             for line in lines:
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+    def seconds(self) -> float:
+        """Seconds since the run started (earlier attempts included)."""
+        return time.perf_counter() - self._t0
+
     def progress(self, step: int, info: str) -> None:
-        """Advance the bar (terminal only; elsewhere :meth:`line` reports at evaluations)."""
+        """Advance the bar on a terminal; elsewhere print a plain line every ``line_every`` s."""
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
+            return
+        now = time.perf_counter()
+        if not self.enabled or now - self._last_line < self.line_every:
+            return
+        self._last_line = now
+        t_start, s_start = self._since
+        rate = (step - s_start) / max(now - t_start, 1e-9)
+        left = (self.total_steps - step) / rate if rate > 0 else math.nan
+        self.line(f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%) "
+                  f"{info} | {_clock(self.seconds())} elapsed, {_clock(left)} left")
 
     def line(self, text: str) -> None:
         """A periodic status line: above the live bar on a terminal, plain text elsewhere."""
@@ -99,26 +153,40 @@ class Reporter:
     # -- TensorBoard -------------------------------------------------------------------------
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
+        """Log ``values`` at ``step``; the :data:`AXIS_TAGS` also against images and seconds."""
         if self.writer is None:
             return
+        walltime = time.time()  # one time for the whole call: the tags of a step line up
+        seconds = int(self.seconds())
         for tag, v in values.items():
             f = _scalar(v)
-            if f is not None:
-                self.writer.add_scalar(tag, f, step)
+            if f is None:
+                continue
+            self.writer.add_scalar(tag, f, step, walltime=walltime)
+            if tag in AXIS_TAGS:
+                self.writer.add_scalar(BY_IMAGES + tag, f, step * self.images_per_step, walltime=walltime)
+                self.writer.add_scalar(BY_TIME + tag, f, seconds, walltime=walltime)
 
     def stats(self, step: int, algo: str, stats: dict[str, Any]) -> None:
         # the algorithm's own step counter is the x axis already
         self.scalars(step, {stat_tag(algo, k): v for k, v in stats.items() if k != "step"})
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Record the run's configuration: a text summary, and TensorBoard's HPARAMS plugin."""
+        """Record the run's configuration: a text summary, and TensorBoard's HPARAMS plugin.
+
+        ``metrics`` name scalar tags already logged (``val/acc``): the HPARAMS table shows
+        their last values. Unlike ``SummaryWriter.add_hparams`` this writes no extra scalars
+        (no ``hparam/*`` charts) and no second event file.
+        """
         if self.writer is None:
             return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         table = "| name | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in clean.items())
         self.writer.add_text("hparams", table, 0)
-        # run_name="." keeps the HPARAMS record in this run's directory instead of a new subdir
-        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        for summary in hparams_summary(clean, dict(metrics)):
+            self.writer.file_writer.add_summary(summary)
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -173,6 +241,15 @@ def strict_json(value: Any) -> Any:
 
 
 def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

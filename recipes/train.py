@@ -29,16 +29,16 @@ from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
 from launch.finite import NonFiniteError, named_tensors, nonfinite
 from launch.runtime import Runtime, init_distributed, shutdown
 
-from recipes.cli import Recipe, parse_args, resolve_hparams
+from recipes.cli import Recipe, parse_args, resolve_hparams, run_logdir
 from recipes.data import Dataset, DatasetUnavailable, TensorLoader, val_batches
 from recipes.models import build_model
-from recipes.report import Reporter
+from recipes.report import Reporter, format_figures, run_figures
 
 def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
     """DDP with forward buffer sync only for synchronous algorithms.
 
     Otherwise rank 0's BatchNorm statistics would overwrite every replica's at each forward
-    (PITFALLS.md). torch 2.15 renames ``broadcast_buffers`` to ``forward_sync_buffers``.
+    (docs/README.md, "Buffers"). torch 2.15 renames ``broadcast_buffers`` to ``forward_sync_buffers``.
     """
     kwargs: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(sync_buffers)
     if rt.device.type == "cuda":
@@ -283,7 +283,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
             train_loss, train_acc = saved.get("train", (math.nan, math.nan))
 
     # -- the start banner --------------------------------------------------------------------
-    logdir = args.logdir or os.path.join("runs", f"{recipe.name}-{args.dataset}-{args.algo}")
+    logdir, logdir_warning = run_logdir(args, recipe.name, resuming=bool(resume)) if rt.is_main else (None, None)
     n_replicas = rt.world_size // replica_size
     say(f"{recipe.name}: {data.note}")
     say(f"model {args.model} (width {args.width}, {sum(p.numel() for p in model.parameters()):,} "
@@ -297,9 +297,14 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         say(f"{args.algo}: adapted default: {n}")
     if resume:
         say(f"resumed at step {step} (epoch {loader.epoch}, batch {loader.position})")
+    if logdir:  # rank 0
+        say(f"logdir {logdir} (view: tensorboard --logdir {os.path.dirname(logdir) or logdir})")
+    if logdir_warning:
+        say(f"warning: {logdir_warning}")
 
     report = Reporter(enabled=rt.is_main, logdir=logdir, total_steps=total_steps,
-                      title=f"{args.algo}", start_step=step)
+                      title=f"{args.algo}", start_step=step, images_per_step=args.batch_size * rt.world_size,
+                      elapsed=(resume.extra.get("wall", 0.0) if resume else 0.0) + time.perf_counter() - t_start)
     log_every = args.log_interval or max(1, B // 10)
     lr_kw = dict(base=args.lr, milestones=args.lr_milestones, decay=args.lr_decay, steps_per_epoch=B)
 
@@ -315,8 +320,8 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         stats = algo.stats()
         report.scalars(step, {"val/loss": vl, "val/acc": va})
         report.stats(step, args.algo, stats)
-        report.line(f"{prefix}val loss {vl:.4f} acc {va:.4f} | syncs {int(stats.get('syncs', 0))} "
-                    f"comm {stats.get('comm_bytes', 0) / 1e6:.1f} MB")
+        report.line(f"{prefix}val loss {vl:.4f} acc {va:.4f} | "
+                    + format_figures(run_figures(args.algo, stats, opt.param_groups[0]["lr"])))
         return vl, va
 
     def _totals() -> dict[str, float]:
@@ -431,10 +436,10 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
     else:
         report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": replica_size,
                         **results["training"], **{f"{args.algo}.{k}": v for k, v in effective.items()}},
-                       {"val_acc": val_acc, "val_loss": val_loss})
+                       {"val/acc": val_acc, "val/loss": val_loss})
     report.summary(f"{recipe.name} {args.dataset} {args.algo}", {
         "val acc": val_acc, "val loss": val_loss, "train loss": train_loss, "steps": step,
-        "syncs": results["syncs"], "comm MB": (results["comm_bytes"] or 0) / 1e6,
+        **run_figures(args.algo, stats, opt.param_groups[0]["lr"]),
         "comm s": results["comm_seconds"], "images/s": results["images_per_second"],
         "wall s": wall})
     if not (rerun and args.results and os.path.exists(args.results)):

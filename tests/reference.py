@@ -1,4 +1,4 @@
-"""A single-process simulation of ALGORITHMS.md, and the distributed run it is compared with.
+"""A single-process simulation of the rules in docs/, and the distributed run it is compared with.
 
 The simulation is a loop over replicas with one plain model and one optimizer each, written
 from the specification and independent of ``commhooks`` (apart from the definition of the
@@ -140,13 +140,25 @@ class Simulation:
             self.set_x(a, mean)
         return s
 
+    def set_group_values(self, values: dict[str, float]) -> None:
+        """Set param-group values (``lr``, ``momentum``) in every replica's optimizer, as a scheduler would."""
+        for opt in self.opts:
+            for group in opt.param_groups:
+                group.update(values)
+        self.lr, self.mu = values.get("lr", self.lr), values.get("momentum", self.mu)
+
     def flat_params(self, a: int) -> torch.Tensor:
         return flat(self.models[a].parameters())
 
 
 def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
-             opt: dict = OPT) -> tuple[Simulation, list]:
-    """Run ALGORITHMS.md's rule for ``name``; return the simulation and ADPSGD's period trace."""
+             opt: dict = OPT, schedule=None) -> tuple[Simulation, list]:
+    """Run the docs/ rule for ``name``; return the simulation and ADPSGD's period trace.
+
+    ``schedule(k)``, if given, is the dict of param-group values (``lr``, ``momentum``) in force
+    at step ``k``, as an LR scheduler stepped after every optimizer step leaves them; the rules
+    read ``lr`` and ``mu`` at the step where they use them.
+    """
     if name == "entropysgd":
         replica_size = world
     sim = Simulation(world, replica_size, opt)
@@ -166,6 +178,8 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
     ref = None
 
     for k in range(steps):
+        if schedule is not None:
+            sim.set_group_values(schedule(k))
         if name in ("ssgd", "ssgd-noise"):
             g = sim.global_grad(k)
             for a in range(n):

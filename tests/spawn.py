@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch._dynamo  # DDP imports it lazily (~900 modules): once here, not in every forked rank
 import torch.distributed as dist
 
 

@@ -1,5 +1,7 @@
 """Buffer policy at a sync, consensus() as an exact mean that restores, gradient compression."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -102,12 +104,22 @@ def test_compressed_gradients_halve_bytes_and_stay_close(compression):
     assert torch.equal(packed[0]["params"], packed[1]["params"])  # still synchronous
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_stats_count_bytes_and_syncs():
     res = run_ranks(train, 4, "cpsgd", {"period": 3}, 12, 1)
     n_params = res[0]["params"].numel()
     stats = res[0]["stats"]
     assert stats["syncs"] == 4
-    # four weight all-reduces of float64 parameters plus one float64 scalar each for S
-    assert stats["comm_bytes"] == 4 * (n_params * 8 + 8)
-    assert stats["consensus_distance"] > 0 and stats["comm_seconds"] >= 0
+    # four weight all-reduces of float64 parameters and nothing else: a CPSGD sync is the mean
+    assert stats["comm_bytes"] == 4 * n_params * 8 and stats["comm_seconds"] >= 0
+    assert stats["measure_bytes"] == 0 and math.isnan(stats["consensus_distance"])  # not measured
+    measured = run_ranks(train, 4, "cpsgd", {"period": 3, "log_every": 3}, 12, 1)[0]["stats"]
+    assert measured["comm_bytes"] == stats["comm_bytes"]  # measurement is not the algorithm's
+    assert measured["measure_bytes"] == 4 * 8  # one float64 scalar per sync
+    # ADPSGD with thresholds that never move is CPSGD; it computes S exactly, as its own scalar
+    adaptive = {"p_init": 3, "sample_steps": 2, "low": 0.0, "high": float("inf")}
+    exact = run_ranks(train, 4, "adpsgd", adaptive, 12, 1)[0]["stats"]
+    assert exact["comm_bytes"] == 4 * (n_params * 8 + 8) and exact["measure_bytes"] == 0
+    assert exact["consensus_distance"] > 0 and measured["consensus_step"] == exact["consensus_step"] == 12
+    # a model smaller than the probe's sample is measured exactly
+    assert abs(measured["consensus_distance"] - exact["consensus_distance"]) <= 1e-12 * exact["consensus_distance"]

@@ -1,4 +1,4 @@
-"""SSGD, SSGD*, CPSGD and ADPSGD on 4 gloo ranks against the simulation of ALGORITHMS.md."""
+"""SSGD, SSGD*, CPSGD and ADPSGD on 4 gloo ranks against the simulation of their rules (docs/)."""
 
 import pytest
 import torch
