@@ -304,7 +304,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
 
     report = Reporter(enabled=rt.is_main, logdir=logdir, total_steps=total_steps,
                       title=f"{args.algo}", start_step=step, images_per_step=args.batch_size * rt.world_size,
-                      elapsed=(resume.extra.get("wall", 0.0) if resume else 0.0) + time.perf_counter() - t_start)
+                      elapsed=(resume.extra.get("wall_seconds", 0.0) if resume else 0.0) + time.perf_counter() - t_start)
     log_every = args.log_interval or max(1, B // 10)
     lr_kw = dict(base=args.lr, milestones=args.lr_milestones, decay=args.lr_decay, steps_per_epoch=B)
 
