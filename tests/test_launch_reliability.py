@@ -102,7 +102,7 @@ def test_divergence_is_caught_at_the_next_log_point(tmp_path, monkeypatch, capsy
     assert err.count("training diverged") == 1, err
     assert "training diverged: step 9: train loss (steps 7-9) nan" in err, err
     assert "non-finite weights on rank 0" in err and str(ck / "step_000000005") in err, err
-    assert sorted(p.name for p in ck.iterdir()) == ["step_000000005"]
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_000000005"]
     _load_finite(ck / "step_000000005")
     assert not (tmp_path / "r.json").exists()
     assert not dist.is_initialized()
@@ -125,8 +125,8 @@ def test_lr_1e6_stops_once_and_keeps_the_good_checkpoints(tmp_path):
     assert "resumed at step 6" in out and "Traceback" not in out, out
     step = int(out.split("training diverged: step ")[1].split(":")[0])
     assert step > 6, out
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000000003", "step_000000006"]
-    for folder in (tmp_path / "ck").iterdir():
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_000000003", "step_000000006"]
+    for folder in (tmp_path / "ck").glob("step_*"):
         assert json.loads((folder / MARKER).read_text())["finite"] is True
         _load_finite(folder)
     assert not (tmp_path / "r.json").exists()
