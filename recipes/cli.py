@@ -396,6 +396,7 @@ RECIPE_DEFAULTS: dict[tuple[str, str], str] = {
     ("cpsgd", "period"): "8",
     ("adpsgd", "warmup_steps"): "one epoch (a tenth of the run when an epoch is half of it)",
     ("adpsgd", "sample_steps"): "a quarter of the run",
+    ("cpsgd", "log_every"): "--log-interval (about 10 per epoch)",
     ("dpsgd", "log_every"): "--log-interval (about 10 per epoch)",
     ("easgd", "steps_per_epoch"): "the run's steps per epoch",
     ("entropysgd", "L"): f"{_PARLE_L} ({_SMALL_L} when an epoch has < {_MIN_OUTER_PER_EPOCH * _PARLE_L} steps)",
