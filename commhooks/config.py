@@ -166,8 +166,8 @@ class DPSGDConfig(CommonConfig):
     seed: int = _hp(0, valid="an integer",
                     help="seed of the random pairing (every rank draws the same one)")
     log_every: int = _hp(0, valid="an integer >= 0",
-                         help="measure the consensus distance every this many steps (an extra "
-                              "all-reduce of the weights); 0 = never")
+                         help="estimate the consensus distance every this many steps, from a few "
+                              "kilobytes (measure_bytes); 0 = never (NaN)")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         super().validate(world_size, replica_size)
