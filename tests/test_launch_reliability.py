@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from launcher import run_launcher
 from test_launch_restart import (
     HPARAMS,
     REPO,
@@ -48,25 +49,6 @@ def _quiet_limit(seconds: float) -> float:
     return seconds * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
-def _run_launcher(args: list[str], timeout: float) -> tuple[int, str, float]:
-    """`python -m launch ARGS` in a session of its own; (exit code, stdout+stderr, seconds)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "5"
-    start = time.monotonic()
-    with subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True) as child:
-        try:
-            out, _ = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            out, _ = child.communicate()
-            pytest.fail(f"launcher did not finish in {timeout} s:\n{out[-4000:]}")
-        except BaseException:  # e.g. pytest-timeout's interrupt: leave no launcher behind
-            os.killpg(child.pid, signal.SIGKILL)
-            raise
-    return child.returncode, out, time.monotonic() - start
 
 
 def _recipe(tmp: Path, *flags: str) -> list[str]:
@@ -114,9 +96,9 @@ def test_lr_1e6_stops_once_and_keeps_the_good_checkpoints(tmp_path):
     still on disk and loadable (before: trained to the end, and the NaN steps replaced them)."""
     common = ["--dataset", "synthetic", "--checkpoint-dir", str(tmp_path / "ck"),
               "--checkpoint-every", "3", "--log-interval", "2"]
-    rc, out, _ = _run_launcher(_recipe(tmp_path, *common, "--max-steps", "6"), timeout=100)
+    rc, out, _ = run_launcher(_recipe(tmp_path, *common, "--max-steps", "6"), timeout=100)
     assert rc == 0, out[-3000:]
-    rc, out, _ = _run_launcher(_recipe(tmp_path, *common, "--lr", "1e6",
+    rc, out, _ = run_launcher(_recipe(tmp_path, *common, "--lr", "1e6",
                                              "--results", str(tmp_path / "r.json")), timeout=100)
     assert rc == 3, out[-3000:]
     assert out.count("error: training diverged") == 1, out
@@ -145,7 +127,7 @@ def test_lr_1e6_stops_once_and_keeps_the_good_checkpoints(tmp_path):
 ], ids=["bad-flag", "bad-hparam", "missing-data", "replica-size"])
 def test_deterministic_errors_end_once_with_exit_2(tmp_path, flags, message):
     flags = [f.format(tmp=tmp_path) for f in flags]
-    rc, out, seconds = _run_launcher(_recipe(tmp_path, *flags), timeout=80)
+    rc, out, seconds = run_launcher(_recipe(tmp_path, *flags), timeout=80)
     assert rc == 2, out[-3000:]
     assert out.count(message) == 1, out
     assert "Traceback" not in out, out

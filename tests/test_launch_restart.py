@@ -8,8 +8,6 @@ run's exactly.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +16,8 @@ import pytest
 import torch
 
 import commhooks
+from launcher import REPO, run_launcher
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "tiny_train.py"
 HPARAMS = {"ssgd": {}, "cpsgd": {"period": 4}, "dpsgd": {}}
 STEPS, EVERY = 20, 3  # kills at step 8 resume from 6; kills inside save 9 also resume from 6
@@ -29,27 +27,14 @@ def launch(
     tmp: Path, name: str, *worker_args: str, nproc: int = 2, restarts: int = 2, timeout: float = 60
 ) -> subprocess.CompletedProcess:
     """Run the tiny worker under the launcher; its checkpoints and weights go to tmp/name."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "5"
-    cmd = [
-        sys.executable, "-m", "launch", "--nproc-per-node", str(nproc),
+    args = [
+        "--nproc-per-node", str(nproc),
         "--max-restarts", str(restarts), str(WORKER),
         "--ckpt-dir", str(tmp / name / "ckpt"), "--out", str(tmp / name / "out"),
         "--steps", str(STEPS), "--ckpt-every", str(EVERY), *worker_args,
     ]
-    # A session of its own: on a timeout the launcher *and* its workers are killed, no orphans.
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as child:
-        try:
-            out, _ = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            out, _ = child.communicate()
-            pytest.fail(f"launcher timed out after {timeout} s:\n{out[-4000:]}")
-        except BaseException:  # e.g. pytest-timeout's interrupt: do not leave workers behind
-            os.killpg(child.pid, signal.SIGKILL)
-            raise
-    proc = subprocess.CompletedProcess(cmd, child.returncode, out, "")
+    rc, out, _ = run_launcher(args, timeout)
+    proc = subprocess.CompletedProcess([sys.executable, "-m", "launch", *args], rc, out, "")
     proc.log = out  # type: ignore[attr-defined]
     return proc
 
