@@ -15,8 +15,9 @@ latency of one message, N = nodes x ranks per node ranks in a ring, c compute se
   CPSGD, period p        c + AR / p (the average waits for the step)
   ADPSGD                 warm-up steps as SSGD, then c + AR / p_mean, p_mean its measured period
                          (Jiang and Agrawal, "Adaptive Periodic Averaging", arXiv:2007.06134)
-  DPSGD (random pairs)   c (1-h) + max(c h, X) + AR / m: the exchange starts at the first gradient
-                         bucket (Lian et al., arXiv:1705.09056); m = log_every (0: no term)
+  DPSGD (random pairs)   c (1-h) + max(c h, X): the exchange starts at the first gradient bucket
+                         (Lian et al., arXiv:1705.09056); the consensus estimate every log_every
+                         steps moves kilobytes and is left out
   Elastic-SGD, period t  max(c, AR / t): the reference average overlaps the next steps
                          (Zhang, Choromanska and LeCun, arXiv:1412.6651)
   Parle, L inner steps   max(c, AR / L): one average per outer step, overlapped (Chaudhari et al.,
@@ -116,7 +117,7 @@ def step_s(algo: str, *, compute_s: float, model_bytes: float, link: Link,
         compute_s: forward + backward + optimizer seconds of one step, no communication.
         model_bytes: S, the bytes of the weights (= of the gradients).
         link: the network.
-        hparams: the algorithm's (period, log_every, L); the library's defaults otherwise.
+        hparams: the algorithm's (period, L); the library's defaults otherwise.
         hide: share of the step after the first gradient bucket (overlap for SSGD and DPSGD).
         mean_period: ADPSGD's mean period after warm-up (required for adpsgd).
         warmup_fraction: ADPSGD's share of the steps run as SSGD.
@@ -141,8 +142,7 @@ def step_s(algo: str, *, compute_s: float, model_bytes: float, link: Link,
             raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
         return warmup_fraction * ssgd + (1 - warmup_fraction) * (c + ar / mean_period)
     if algo == "dpsgd":
-        m = int(hp.get("log_every", 0))
-        return c * (1 - hide) + max(c * hide, pairwise_s(model_bytes, link)) + (ar / m if m else 0.0)
+        return c * (1 - hide) + max(c * hide, pairwise_s(model_bytes, link))
     if algo == "easgd":
         return max(c, ar / int(hp.get("period", 1)))
     if algo == "parle":
@@ -219,7 +219,7 @@ WORKLOADS = (
 )
 PAPER = {10: "1.46-1.95x", 100: "1.14-1.27x"}  # ADPSGD over full-communication SGD, 16 GPUs
 SCALE_ALGOS = ("cpsgd", "adpsgd", "dpsgd", "easgd", "parle")
-SCALE_HPARAMS = {"cpsgd": {"period": 8}, "dpsgd": {"log_every": 0}, "easgd": {"period": 1}, "parle": {"L": 25}}
+SCALE_HPARAMS = {"cpsgd": {"period": 8}, "easgd": {"period": 1}, "parle": {"L": 25}}
 
 
 def predictions(*, nodes: list[int], gbits: list[float], ranks_per_node: int, tflops: float,
