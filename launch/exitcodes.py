@@ -10,6 +10,10 @@ Any other non-zero exit (a crash, a lost peer, a collective timeout, a signal) i
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+
 EXIT_USAGE = 2
 """Bad command line, configuration, hyper-parameter or replica size, or missing data (argparse's code)."""
 
@@ -21,3 +25,23 @@ NO_RESTART: dict[int, str] = {
     EXIT_DIVERGED: "training diverged (non-finite loss or weights)",
 }
 """Exit code -> what it means, for every code that is never restarted."""
+
+
+def exit_final_codes_at_once(run: Callable[[], object]) -> None:
+    """Run ``run()``; if it ends with one of the ``NO_RESTART`` codes, leave the process at once.
+
+    By then the worker has printed its message, kept its checkpoints and destroyed its process
+    group. What remains is the interpreter's teardown, and there a C++ destructor can still abort
+    on gloo work left in flight ("terminate called without an active exception", exit -6, seen on
+    one rank of a diverged 2-rank run): the launcher would read that as a crash and restart a run
+    that can only fail again. So flush and ``os._exit`` with the code instead.
+    """
+    try:
+        run()
+    except SystemExit as stop:
+        if stop.code not in NO_RESTART:
+            raise
+        code = int(stop.code)  # type: ignore[arg-type]  # NO_RESTART's keys are ints
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

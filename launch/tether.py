@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+from launch.exitcodes import exit_final_codes_at_once
+
 __all__ = ["AGENT_PID_ENV", "die_with_parent", "main"]
 
 AGENT_PID_ENV = "LAUNCH_AGENT_PID"
@@ -84,11 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m launch.tether [-m] TARGET [ARGS...]")
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        exit_final_codes_at_once(lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
     else:
         sys.argv = argv
         sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-        runpy.run_path(argv[0], run_name="__main__")
+        exit_final_codes_at_once(lambda: runpy.run_path(argv[0], run_name="__main__"))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from launch.exitcodes import exit_final_codes_at_once
 from recipes.cli import DatasetDefaults, Recipe
 from recipes.data import Dataset, load_cifar, load_synthetic
 from recipes.train import main
@@ -40,5 +41,5 @@ RECIPE = Recipe(
     load=load,
 )
 
-if __name__ == "__main__":
-    main(RECIPE)
+if __name__ == "__main__":  # plain torchrun: the same prompt exit as under python -m launch
+    exit_final_codes_at_once(lambda: main(RECIPE))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from launch.exitcodes import exit_final_codes_at_once
 from recipes.cli import DatasetDefaults, Recipe
 from recipes.data import Dataset, load_digits, load_mnist, load_synthetic
 from recipes.train import main
@@ -39,5 +40,5 @@ RECIPE = Recipe(
     load=load,
 )
 
-if __name__ == "__main__":
-    main(RECIPE)
+if __name__ == "__main__":  # plain torchrun: the same prompt exit as under python -m launch
+    exit_final_codes_at_once(lambda: main(RECIPE))
