@@ -28,6 +28,18 @@ def collective_device(group: ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def rank_min(value: int, group: ProcessGroup | None = None) -> int:
+    """The minimum of ``value`` over the ranks of ``group`` (one int64 all-reduce; collective).
+
+    ``rank_min(int(ok)) == 1`` is "ok on every rank". In a single process it returns ``value``.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(t, op=ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 def check_same_across_ranks(
     fields: Mapping[str, object],
     group: ProcessGroup | None = None,

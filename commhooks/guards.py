@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 
-from .consistency import collective_device
+from .consistency import rank_min
 from .flat import FlatWeights
 
 # Where a rank can be when it checks; the index (+1) is what travels in the probe.
@@ -70,7 +70,12 @@ class StepMismatchError(RuntimeError):
 
 
 class NonFiniteError(RuntimeError):
-    """A rank's weights hold NaN or inf: the run has diverged."""
+    """The loss, the weights or other training state hold NaN or inf: the run has diverged.
+
+    Deterministic: restarting from the last checkpoint with the same settings diverges again.
+    Raised on every rank together (the decision is collective). The launcher's checkpoints and
+    the recipes raise this same class.
+    """
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -221,11 +226,7 @@ def min_steps(num_local_batches: int, group: ProcessGroup | None = None) -> int:
     """
     if not isinstance(num_local_batches, int) or isinstance(num_local_batches, bool) or num_local_batches < 0:
         raise ValueError(f"num_local_batches must be an integer >= 0, got {num_local_batches!r}")
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return num_local_batches
-    t = torch.tensor([num_local_batches], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(t, op=ReduceOp.MIN, group=group)
-    return int(t.item())
+    return rank_min(num_local_batches, group)
 
 
 def pull_stability_bound(momentum: float, nesterov: bool) -> float:

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed import ReduceOp
+
+from commhooks.consistency import rank_min
 
 from .finite import NonFiniteError, named_tensors, nonfinite
 from .runtime import Runtime
@@ -189,11 +190,7 @@ class Checkpointer:
 
     def _all_ok(self, ok: bool) -> bool:
         """True on every rank iff `ok` was True on every rank (one MIN all-reduce)."""
-        if self.runtime.world_size == 1 and not dist.is_initialized():
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.runtime.device)
-        dist.all_reduce(flag, op=ReduceOp.MIN)
-        return bool(flag.item())
+        return rank_min(int(ok)) == 1
 
     def _gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (picklable), on every rank; only on the rare failure paths."""

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+# One class for a diverged run, the library's: a NaN found by `algo.check_finite()` or
+# `build(check_finite=True)` then ends a recipe exactly like one found in a checkpoint.
+from commhooks.guards import NonFiniteError
+
 __all__ = ["NonFiniteError", "named_tensors", "nonfinite"]
 
 
@@ -45,10 +49,3 @@ def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
             bad += [n for n, good in zip(names, ok.tolist()) if not good]
     return bad
 
-
-class NonFiniteError(RuntimeError):
-    """The loss, the weights or other training state hold NaN or infinity: the run diverged.
-
-    Deterministic: restarting from the last checkpoint with the same settings diverges again.
-    Raised on every rank together (the decision is collective).
-    """

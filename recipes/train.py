@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
+from commhooks.consistency import rank_min
 from launch.checkpoint import Checkpointer
 from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
 from launch.finite import NonFiniteError, named_tensors, nonfinite
@@ -130,13 +131,6 @@ def _fail(rt: Runtime | None, message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def _all_true(flag: bool, rt: Runtime, group: Any = None) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)  # CPU: gloo serves it beside NCCL
-    if dist.is_initialized() and rt.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
-
-
 # A download may take far longer than --timeout; the ranks that wait for it wait this long.
 _DOWNLOAD_WAIT = timedelta(hours=2)
 
@@ -155,7 +149,7 @@ def _check_finite(step: int, rt: Runtime, model: nn.Module, ckpt: Checkpointer |
     """
     bad_figures = [f"{name} {value}" for name, value in figures.items() if not math.isfinite(value)]
     bad_weights = nonfinite(named_tensors(model.state_dict()))
-    if _all_true(not bad_weights, rt) and not bad_figures:
+    if rank_min(int(not bad_weights)) == 1 and not bad_figures:
         return
     per_rank: list[list[str]] = [bad_weights]
     if dist.is_initialized() and rt.world_size > 1:
@@ -198,7 +192,7 @@ def _load_data(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Dataset
                 data = recipe.load(args)
             except DatasetUnavailable as e:
                 error = str(e)
-        if not _all_true(error is None, rt, group=wait_group if turn else None):
+        if not rank_min(int(error is None), wait_group if turn else None) == 1:
             _fail(rt, error or "the data set is unavailable on another rank (see rank 0)")
     assert data is not None
     return data
