@@ -75,7 +75,7 @@ class SSGDNoiseConfig(CommonConfig):
     """SSGD*: SSGD plus isotropic Gaussian weight noise (Zhang et al., OpenReview fStMpzKkjMT, Sec. 2.1)."""
 
     noise_std: float = _hp(
-        valid="a finite number > 0 (required)",
+        0.01, valid="a finite number > 0",
         help="sigma of the Gaussian noise added to every parameter after each step")
     seed: int = _hp(0, valid="an integer",
                     help="seed of the noise draws (every rank draws the same noise)")
@@ -96,7 +96,7 @@ _WARMUP_HELP = "steps of synchronous SGD before the local steps begin (w)"
 class CPSGDConfig(CommonConfig):
     """CPSGD: local SGD, weights averaged every `period` steps (Jiang & Agrawal, arXiv 2007.06134, Alg. 1)."""
 
-    period: int = _hp(valid="an integer >= 1 (required; 1 is SSGD at a higher cost)",
+    period: int = _hp(8, valid="an integer >= 1 (1 is SSGD at a higher cost)",
                       help="local steps between two weight averages (p)")
     warmup_steps: int = _hp(0, valid="an integer >= 0", help=_WARMUP_HELP)
     log_every: int = _hp(0, valid="an integer >= 0",

@@ -20,13 +20,13 @@ import re
 import time
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import commhooks
 from commhooks.config import CommonConfig, HParamDoc, describe, hparam_docs
 from launch.exitcodes import EXIT_USAGE
-
 from recipes.data import POLICIES, Dataset
 
 # Flags the recipe owns that an algorithm field of the same name reuses instead of shadowing.
@@ -127,10 +127,10 @@ def _show(value: Any) -> str:
 def default_text(algo: str, doc: HParamDoc) -> str:
     """The default a recipe run uses for ``doc`` under ``algo``, in words."""
     library = "required" if doc.required else _show(doc.default)
-    recipe = RECIPE_DEFAULTS.get((algo, doc.name))
+    recipe = recipe_default(algo, doc.name)
     if recipe is None:
         return library
-    return f"{recipe} (library: {library})"
+    return f"{recipe.text} (library: {library})"
 
 
 def _hparam_help(uses: list[tuple[str, HParamDoc]]) -> str:
@@ -188,7 +188,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake gets a short answer: the error, a guess, where help is (no usage
     wall); under torchrun only rank 0 prints."""
 
-    def print_help(self, file: typing.IO[str] | None = None) -> None:
+    def print_help(self, file: Any = None) -> None:
         if _is_first_rank():
             super().print_help(file)
 
@@ -381,79 +381,123 @@ def _check_training_flags(parser: argparse.ArgumentParser, args: argparse.Namesp
 # Per-algorithm defaults
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunShape:
+    """What the recipe's hyper-parameter defaults are derived from."""
+
+    steps_per_epoch: int  # B
+    total_steps: int
+    seed: int
+    log_every: int  # the train log interval, in steps
+
+
+def train_log_every(log_interval: int | None, steps_per_epoch: int) -> int:
+    """Steps between two train logs: ``--log-interval``, else about 10 per epoch."""
+    return log_interval or max(1, steps_per_epoch // 10)
+
+
+# A rule's answer: the value to pass (KEEP: none, the library's default stays) and why the
+# recipe adapted it to this run (None: nothing to say).
+KEEP: Any = object()
+Choice = tuple[Any, str | None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunDefault:
+    """A value the recipe derives from the run for a config field of this name.
+
+    Every algorithm whose config has the field gets it (one added to the library too), unless
+    ``only`` names the algorithms it is meant for.
+    """
+
+    text: str  # the value in words, for --help and docs/
+    choose: Callable[[RunShape, Any], Choice]  # (run, the field's library default) -> choice
+    only: tuple[str, ...] | None = None
+
+
 # Parle's runs take 16-19 outer steps per epoch (MNIST: B = 469, CIFAR: B = 391 at L = 25). A
 # small data set (digits: 11-44 steps per epoch) would take a handful of outer steps in a whole
-# run at L = 25; below 4 outer steps per epoch the recipe uses a short inner loop instead.
-_PARLE_L = 25
+# run at the library's L; below 4 outer steps per epoch the recipe uses a short inner loop instead.
 _SMALL_L = 5
 _MIN_OUTER_PER_EPOCH = 4
 
 
-# What algo_defaults chooses, in words, for --help and docs/recipes.md (a test checks that every
-# value algo_defaults sets is described here or equals the library default).
-RECIPE_DEFAULTS: dict[tuple[str, str], str] = {
-    ("ssgd-noise", "noise_std"): "0.01",
-    ("cpsgd", "period"): "8",
-    ("adpsgd", "warmup_steps"): "one epoch (a tenth of the run when an epoch is half of it)",
-    ("adpsgd", "sample_steps"): "a quarter of the run",
-    ("cpsgd", "log_every"): "--log-interval (about 10 per epoch)",
-    ("dpsgd", "log_every"): "--log-interval (about 10 per epoch)",
-    ("easgd", "steps_per_epoch"): "the run's steps per epoch",
-    ("entropysgd", "L"): f"{_PARLE_L} ({_SMALL_L} when an epoch has < {_MIN_OUTER_PER_EPOCH * _PARLE_L} steps)",
-    ("entropysgd", "steps_per_epoch"): "the run's steps per epoch",
-    ("parle", "L"): f"{_PARLE_L} ({_SMALL_L} when an epoch has < {_MIN_OUTER_PER_EPOCH * _PARLE_L} steps)",
-    ("parle", "steps_per_epoch"): "the run's steps per epoch",
+def _small_data_L(run: RunShape, library: Any) -> Choice:
+    B = run.steps_per_epoch
+    if not isinstance(library, int) or B >= _MIN_OUTER_PER_EPOCH * library:
+        return KEEP, None
+    L = min(_SMALL_L, B)
+    return L, (f"L {library} -> {L}: {B} steps per epoch would give {B / library:.1f} outer steps per "
+               f"epoch (the paper's MNIST and CIFAR runs have 16-19)")
+
+
+def _warmup_one_epoch(run: RunShape, library: Any) -> Choice:
+    """ADPSGD's warm-up: one epoch of SSGD (Section III), a tenth of a run shorter than two epochs."""
+    B, total = run.steps_per_epoch, run.total_steps
+    if B < total // 2:
+        return B, None
+    warmup = max(1, total // 10)
+    return warmup, (f"warmup_steps {B} (one epoch) -> {warmup}: the run has only {total} steps, one "
+                    f"epoch of SSGD would be half of it")
+
+
+# The recipe's defaults, by config field: only values derived from the run (the library's own
+# defaults are the papers' settings, and a change there is never overridden here). --help and
+# docs/recipes.md describe them with `text`; resolve_hparams notes each adaptation by field.
+RECIPE_DEFAULTS: dict[str, RunDefault] = {
+    "steps_per_epoch": RunDefault(text="the run's steps per epoch", choose=lambda run, _: (run.steps_per_epoch, None)),
+    "log_every": RunDefault(text="--log-interval (about 10 per epoch)", choose=lambda run, _: (run.log_every, None)),
+    "seed": RunDefault(text="--seed", choose=lambda run, _: (run.seed, None)),
+    "sample_steps": RunDefault(text="a quarter of the run", choose=lambda run, _: (max(1, run.total_steps // 4), None)),
+    # ADPSGD's own: CPSGD keeps the library's warm-up (none)
+    "warmup_steps": RunDefault(text="one epoch (a tenth of the run when an epoch is half of it)",
+                               choose=_warmup_one_epoch, only=("adpsgd",)),
+    "L": RunDefault(text=f"the library's, or {_SMALL_L} when an epoch has fewer than {_MIN_OUTER_PER_EPOCH} x L steps",
+                    choose=_small_data_L),
 }
 
 
-def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: int,
-                  log_interval: int | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The recipe's defaults for ``algo`` (the papers'), and notes on those adapted to the run.
+def recipe_default(algo: str, name: str) -> RunDefault | None:
+    """The recipe's rule for ``algo``'s field ``name``, or None (the library's default holds)."""
+    rule = RECIPE_DEFAULTS.get(name)
+    if rule is None or (rule.only is not None and algo not in rule.only):
+        return None
+    return rule
 
-    - ssgd-noise: ``noise_std = 0.01``, the DPSGD paper's best-converging SSGD* (Section 4.3);
-    - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against, and the
-      consensus distance estimated at the first sync after every train log (``log_every``);
-    - adpsgd: warm-up of one epoch and ``sample_steps`` a quarter of the run (ADPSGD, Section III);
-    - dpsgd: the consensus distance estimated at every train log (``log_every``; a few
-      kilobytes then, counted in ``measure_bytes``, not ``comm_bytes``) so that TensorBoard
-      shows how far the gossiping replicas drift apart;
-    - easgd: ``steps_per_epoch`` = this run's B (the scoping of Parle eq. 9);
-    - entropysgd/parle: ``L = 25``, ``alpha = 0.75`` (Parle, Section 3), ``steps_per_epoch`` = B;
-      ``L`` becomes 5 on small data sets (< 4 outer steps per epoch at L = 25).
+
+def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: int,
+                  log_interval: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values the recipe passes for ``algo`` (:data:`RECIPE_DEFAULTS`), and why it adapted
+    any of them to this run, by field.
+
+    - ``steps_per_epoch`` = this run's B (the scoping of Parle eq. 9);
+    - ``log_every`` = the train log interval: CPSGD and DPSGD estimate the consensus distance
+      then (a few kilobytes, counted in ``measure_bytes``, not ``comm_bytes``), so that
+      TensorBoard shows how far the replicas drift apart;
+    - ``seed`` = ``--seed``; ADPSGD's ``sample_steps`` a quarter of the run and its warm-up
+      one epoch (ADPSGD, Section III);
+    - ``L``: the library's (Parle, Section 3) unless an epoch is shorter than 4 outer steps,
+      then 5 (small data sets).
     """
-    B, notes = steps_per_epoch, []
-    d: dict[str, Any] = {}
-    if algo == "ssgd-noise":
-        d = {"noise_std": 0.01}
-    elif algo == "cpsgd":
-        d = {"period": 8, "log_every": log_interval or max(1, B // 10)}
-    elif algo == "adpsgd":
-        d = {"warmup_steps": B, "p_init": 4, "sample_steps": max(1, total_steps // 4)}
-        if B >= total_steps // 2:
-            d["warmup_steps"] = max(1, total_steps // 10)
-            notes.append(f"warmup_steps {B} (one epoch) -> {d['warmup_steps']}: the run has only "
-                         f"{total_steps} steps, one epoch of SSGD would be half of it")
-    elif algo == "dpsgd":
-        d = {"topology": "random-pair", "log_every": log_interval or max(1, B // 10)}
-    elif algo == "easgd":
-        d = {"rho": 1.0, "steps_per_epoch": B}
-    elif algo in ("entropysgd", "parle"):
-        d = {"L": _PARLE_L, "alpha": 0.75, "steps_per_epoch": B}
-        if algo == "parle":
-            d["rho"] = 1.0
-        if B < _MIN_OUTER_PER_EPOCH * _PARLE_L:
-            d["L"] = min(_SMALL_L, B)
-            notes.append(f"L {_PARLE_L} -> {d['L']}: {B} steps per epoch would give {B / _PARLE_L:.1f} "
-                         f"outer steps per epoch (the paper's MNIST and CIFAR runs have 16-19)")
-    takes = {f.name for f in dataclasses.fields(commhooks.config_class(algo))}
-    if "seed" in takes:
-        d["seed"] = seed
-    return {k: v for k, v in d.items() if k in takes}, notes
+    run = RunShape(steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=seed,
+                   log_every=train_log_every(log_interval, steps_per_epoch))
+    values: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    for f in dataclasses.fields(commhooks.config_class(algo)):
+        rule = recipe_default(algo, f.name)
+        if rule is None:
+            continue
+        value, note = rule.choose(run, f.default)
+        if value is not KEEP:
+            values[f.name] = value
+        if note is not None:
+            notes[f.name] = note
+    return values, notes
 
 
 def resolve_hparams(args: argparse.Namespace, *, steps_per_epoch: int, total_steps: int
-                    ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """(hparams passed to commhooks.build, every field's effective value, notes)."""
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(hparams passed to commhooks.build, every field's effective value, notes by field)."""
     cls = commhooks.config_class(args.algo)
     defaults, notes = algo_defaults(args.algo, steps_per_epoch=steps_per_epoch,
                                     total_steps=total_steps, seed=args.seed,
@@ -464,15 +508,15 @@ def resolve_hparams(args: argparse.Namespace, *, steps_per_epoch: int, total_ste
         given = getattr(args, f.name, None) if f.name not in _SHARED else None
         if given is not None:
             passed[f.name] = given
-            notes = [n for n in notes if not n.startswith(f.name + " ")]
+            notes.pop(f.name, None)  # the user's value: nothing adapted
         elif f.name in defaults:
             passed[f.name] = defaults[f.name]
         if f.name in passed:
             effective[f.name] = passed[f.name]
         elif f.default is not dataclasses.MISSING:
             effective[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            effective[f.name] = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            effective[f.name] = f.default_factory()
         else:
             effective[f.name] = None
     return passed, effective, notes
@@ -497,7 +541,8 @@ def hparam_markdown(algo: str, *, common: bool = False) -> str:
         if (doc.name in shared) != common:
             continue
         library = "required" if doc.required else _md_value(doc.default)
-        recipe = RECIPE_DEFAULTS.get((algo, doc.name), "the same")
+        rule = recipe_default(algo, doc.name)
+        recipe = "the same" if rule is None else rule.text
         flag = "--" + doc.name.replace("_", "-")
         rows.append(f"| `{doc.name}` (`{flag}`) | {doc.help} | {library} | {recipe} | {doc.valid} |")
     return "\n".join(rows) + "\n"

@@ -14,8 +14,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -25,15 +27,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from commhooks.consistency import rank_min
-from launch.checkpoint import Checkpointer
+from launch.checkpoint import Checkpointer, Resume
 from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
 from launch.finite import NonFiniteError, named_tensors, nonfinite
 from launch.runtime import Runtime, init_distributed, shutdown
-
-from recipes.cli import Recipe, parse_args, resolve_hparams, run_logdir
+from recipes.cli import Recipe, parse_args, resolve_hparams, run_logdir, train_log_every
 from recipes.data import Dataset, DatasetUnavailable, TensorLoader, val_batches
 from recipes.models import build_model
 from recipes.report import Reporter, format_figures, run_figures
+
 
 def wrap_ddp(model: nn.Module, rt: Runtime, sync_buffers: bool) -> DDP:
     """DDP with forward buffer sync only for synchronous algorithms.
@@ -79,7 +81,7 @@ class Meter:
         m.sums = None if sums is None else sums.to(device)
         return m
 
-    def merge(self, other: "Meter") -> None:
+    def merge(self, other: Meter) -> None:
         if other.sums is not None:
             self.sums = other.sums.clone() if self.sums is None else self.sums + other.sums
 
@@ -124,7 +126,7 @@ def _set_threads(rt: Runtime) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def _fail(rt: Runtime | None, message: str) -> None:
+def _fail(rt: Runtime | None, message: str) -> NoReturn:
     if rt is None or rt.is_main:
         print(f"error: {message}", file=sys.stderr, flush=True)
     shutdown()
@@ -183,9 +185,11 @@ def _load_data(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Dataset
     files: concurrent downloads into one folder race.
     """
     data, error = None, None
-    wait_group = None
+    wait_group: dist.ProcessGroup | None = None
     if args.download and dist.is_initialized() and rt.world_size > 1:
-        wait_group = dist.new_group(backend="gloo", timeout=_DOWNLOAD_WAIT)
+        group = dist.new_group(backend="gloo", timeout=_DOWNLOAD_WAIT)
+        assert isinstance(group, dist.ProcessGroup)  # every rank is a member
+        wait_group = group
     for turn in (True, False):
         if (not args.download or rt.local_rank == 0) == turn:
             try:
@@ -204,7 +208,9 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, Any] | 
     rt = init_distributed(seed=args.seed, config=vars(args), device=args.device,
                           timeout_s=args.timeout)
     try:
-        return _run(recipe, args, rt)
+        run = setup(recipe, args, rt)
+        train_loop(run)
+        return finish(run)
     except NonFiniteError as e:
         # Every rank raised it together; a restart would diverge again (the launcher does not).
         if rt.is_main:
@@ -214,15 +220,83 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, Any] | 
         shutdown()
 
 
-def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any] | None:
+@dataclass(kw_only=True)
+class Run:
+    """One training run: what :func:`setup` builds, and the state the loop and :func:`finish` share.
+
+    The figures and counters continue a resumed run's: ``step`` is the global step, ``before``
+    holds the earlier attempts' totals, ``steps_this_run`` counts this attempt's steps only.
+    """
+
+    recipe: Recipe
+    args: argparse.Namespace
+    rt: Runtime
+    bf16: bool
+    t_start: float  # this attempt's start (perf_counter)
+    data: Dataset
+    loader: TensorLoader
+    replica_size: int
+    steps_per_epoch: int  # B
+    total_steps: int
+    effective: dict[str, Any]  # every hyper-parameter's value in use
+    notes: dict[str, str]  # field -> why the recipe adapted its default to this run
+    ddp: DDP
+    opt: torch.optim.Optimizer
+    algo: commhooks.Algorithm
+    ckpt: Checkpointer | None
+    resume: Resume | None
+    log_every: int
+    report: Reporter = field(init=False)  # made last in setup: it may start a live progress bar
+    step: int = 0
+    window: Meter = field(default_factory=Meter)  # since the last train log
+    epoch_meter: Meter = field(default_factory=Meter)  # since the last train figures
+    train_loss: float = math.nan
+    train_acc: float = math.nan
+    val_loss: float = math.nan
+    val_acc: float = math.nan
+    before: dict[str, float] = field(  # totals of earlier attempts of this job
+        default_factory=lambda: {"wall_seconds": 0.0, "train_seconds": 0.0, "trained_images": 0})
+    evals: list[dict[str, float]] = field(default_factory=list)  # accuracy against training time
+    t_train: float = 0.0  # the loop's start (perf_counter)
+    steps_this_run: int = 0
+    t_log: float = 0.0  # the last train log (perf_counter), for the throughput
+    images_since_log: int = 0  # this rank's
+    end_meters: dict[str, torch.Tensor | None] | None = None  # the sums at the last step
+
+    def say(self, *parts: Any) -> None:
+        """Print on rank 0 only."""
+        if self.rt.is_main:
+            print(*parts, flush=True)
+
+    def meters(self) -> dict[str, torch.Tensor | None]:
+        """The figures' running sums, for a checkpoint."""
+        return {"window": self.window.state(), "epoch": self.epoch_meter.state()}
+
+    def close_train_figures(self) -> None:
+        """Train loss and accuracy over the steps since the last ones (collective)."""
+        self.epoch_meter.merge(self.window)
+        self.window = Meter()
+        self.train_loss, self.train_acc = self.epoch_meter.reduce(self.rt.device)
+        self.epoch_meter = Meter()
+
+    def totals(self) -> dict[str, float]:
+        """Wall and training time and images trained, over every attempt of this job."""
+        now = time.perf_counter()
+        return {"wall_seconds": self.before["wall_seconds"] + now - self.t_start,
+                "train_seconds": self.before["train_seconds"] + now - self.t_train,
+                "trained_images": self.before["trained_images"]
+                + self.steps_this_run * self.args.batch_size * self.rt.world_size}
+
+
+def setup(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Run:
+    """Data, loader, model, DDP, optimizer and algorithm (restored from the latest checkpoint,
+    if any), the start banner and the reporter. A bad flag value ends every rank with one message."""
     _set_threads(rt)
     bf16 = args.bf16 if args.bf16 is not None else rt.device.type == "cuda"
     if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    say = (lambda *a: print(*a, flush=True)) if rt.is_main else (lambda *a: None)
     t_start = time.perf_counter()
 
-    # -- data --------------------------------------------------------------------------------
     data = _load_data(recipe, args, rt).to(rt.device)
     # Needed before build (the data policy depends on it): the library's own rule and errors.
     try:
@@ -241,7 +315,6 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
         total_steps = min(total_steps, args.max_steps)
     passed, effective, notes = resolve_hparams(args, steps_per_epoch=B, total_steps=total_steps)
 
-    # -- model, DDP, optimizer, algorithm ----------------------------------------------------
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP checks too)
     model = build_model(args.model, data.in_channels, data.num_classes, args.width).to(rt.device)
     ddp = wrap_ddp(model, rt, sync_buffers=args.algo in commhooks.SYNCHRONOUS)
@@ -256,187 +329,201 @@ def _run(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any
                                timeout=timedelta(seconds=args.timeout), **passed)
     except ValueError as e:
         _fail(rt, f"{args.algo}: {e}")
-    step = 0
-    window, epoch_meter = Meter(), Meter()
-    train_loss = train_acc = math.nan
-    before = {"wall_seconds": 0.0, "train_seconds": 0.0, "trained_images": 0}  # earlier attempts
-    if resume:
-        resume.load_training(optimizer=opt, algorithm=algo, loader=loader)
-        step = resume.step
-        saved = resume.extra
-        before = {k: saved.get(k, v) for k, v in before.items()}
-        if resume.resized:
-            # the loader's position is per world size: restart the interrupted epoch
-            loader.epoch, loader.position = int(saved.get("epoch", 0)), 0
-            step = loader.epoch * B
-            say(f"resized resume: restarting epoch {loader.epoch} at step {step}")
-        else:  # the figures of the interrupted epoch continue where they were
-            meters = saved.get("meters", {})
-            window = Meter.restored(meters.get("window"), rt.device)
-            epoch_meter = Meter.restored(meters.get("epoch"), rt.device)
-            train_loss, train_acc = saved.get("train", (math.nan, math.nan))
 
-    # -- the start banner --------------------------------------------------------------------
+    run = Run(recipe=recipe, args=args, rt=rt, bf16=bf16, t_start=t_start, data=data, loader=loader,
+              replica_size=replica_size, steps_per_epoch=B, total_steps=total_steps, effective=effective,
+              notes=notes, ddp=ddp, opt=opt, algo=algo, ckpt=ckpt, resume=resume,
+              log_every=train_log_every(args.log_interval, B))
+    if resume:
+        _restore(run, resume)
     logdir, logdir_warning = run_logdir(args, recipe.name, resuming=bool(resume)) if rt.is_main else (None, None)
-    n_replicas = rt.world_size // replica_size
-    say(f"{recipe.name}: {data.note}")
-    say(f"model {args.model} (width {args.width}, {sum(p.numel() for p in model.parameters()):,} "
+    _banner(run, logdir, logdir_warning)
+    # after the banner: on a terminal the reporter starts a live progress bar
+    run.report = Reporter(enabled=rt.is_main, logdir=logdir, total_steps=total_steps, title=f"{args.algo}",
+                          start_step=run.step, images_per_step=args.batch_size * rt.world_size,
+                          elapsed=run.before["wall_seconds"] + time.perf_counter() - t_start)
+    return run
+
+
+def _restore(run: Run, resume: Resume) -> None:
+    """Continue from a checkpoint: the step, the earlier attempts' totals and the figures' sums."""
+    resume.load_training(optimizer=run.opt, algorithm=run.algo, loader=run.loader)
+    run.step = resume.step
+    saved = resume.extra
+    run.before = {k: saved.get(k, v) for k, v in run.before.items()}
+    if resume.resized:
+        # the loader's position is per world size: restart the interrupted epoch
+        run.loader.epoch, run.loader.position = int(saved.get("epoch", 0)), 0
+        run.step = run.loader.epoch * run.steps_per_epoch
+        run.say(f"resized resume: restarting epoch {run.loader.epoch} at step {run.step}")
+    else:  # the figures of the interrupted epoch continue where they were
+        meters = saved.get("meters", {})
+        run.window = Meter.restored(meters.get("window"), run.rt.device)
+        run.epoch_meter = Meter.restored(meters.get("epoch"), run.rt.device)
+        run.train_loss, run.train_acc = saved.get("train", (math.nan, math.nan))
+
+
+def _banner(run: Run, logdir: str | None, logdir_warning: str | None) -> None:
+    """What this run trains, and how (rank 0)."""
+    args, rt, say = run.args, run.rt, run.say
+    n_replicas = rt.world_size // run.replica_size
+    say(f"{run.recipe.name}: {run.data.note}")
+    say(f"model {args.model} (width {args.width}, {sum(p.numel() for p in run.ddp.module.parameters()):,} "
         f"parameters) on {rt.device}, {rt.world_size} ranks = {n_replicas} replicas x "
-        f"{replica_size}, data policy {args.data_policy}, {B} steps per epoch, {total_steps} steps")
+        f"{run.replica_size}, data policy {args.data_policy}, {run.steps_per_epoch} steps per epoch, "
+        f"{run.total_steps} steps")
     say(f"optimizer SGD lr {args.lr} momentum {args.momentum} nesterov {args.nesterov} "
         f"weight decay {args.weight_decay}; lr x{args.lr_decay} at epochs {args.lr_milestones}; "
-        f"batch {args.batch_size} per rank; bf16 autocast {'on' if bf16 else 'off'}")
-    say(f"{args.algo} hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in effective.items()))
-    for n in notes:
-        say(f"{args.algo}: adapted default: {n}")
-    if resume:
-        say(f"resumed at step {step} (epoch {loader.epoch}, batch {loader.position})")
+        f"batch {args.batch_size} per rank; bf16 autocast {'on' if run.bf16 else 'off'}")
+    say(f"{args.algo} hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in run.effective.items()))
+    for note in run.notes.values():
+        say(f"{args.algo}: adapted default: {note}")
+    if run.resume:
+        say(f"resumed at step {run.step} (epoch {run.loader.epoch}, batch {run.loader.position})")
     if logdir:  # rank 0
         say(f"logdir {logdir} (view: tensorboard --logdir {os.path.dirname(logdir) or logdir})")
     if logdir_warning:
         say(f"warning: {logdir_warning}")
 
-    report = Reporter(enabled=rt.is_main, logdir=logdir, total_steps=total_steps,
-                      title=f"{args.algo}", start_step=step, images_per_step=args.batch_size * rt.world_size,
-                      elapsed=(resume.extra.get("wall_seconds", 0.0) if resume else 0.0) + time.perf_counter() - t_start)
-    log_every = args.log_interval or max(1, B // 10)
-    lr_kw = dict(base=args.lr, milestones=args.lr_milestones, decay=args.lr_decay, steps_per_epoch=B)
 
-    evals: list[dict[str, float]] = []  # accuracy against training time, for benchmarks
-
-    def _validate(prefix: str) -> tuple[float, float]:
-        """Evaluate the consensus model (collective), log it, print one line on rank 0."""
-        seconds = time.perf_counter() - t_train  # training time so far (earlier evals included)
-        with algo.consensus():
-            vl, va = evaluate(ddp.module, data, rt, max(256, args.batch_size), bf16)
-        _check_finite(step, rt, ddp.module, ckpt, {"val loss": vl})
-        evals.append({"step": step, "epoch": step / B, "seconds": seconds, "val_acc": va})
-        stats = algo.stats()
-        report.scalars(step, {"val/loss": vl, "val/acc": va})
-        report.stats(step, args.algo, stats)
-        report.line(f"{prefix}val loss {vl:.4f} acc {va:.4f} | "
-                    + format_figures(run_figures(args.algo, stats, opt.param_groups[0]["lr"])))
-        return vl, va
-
-    def _totals() -> dict[str, float]:
-        """Wall and training time and images trained, over every attempt of this job."""
-        now = time.perf_counter()
-        return {"wall_seconds": before["wall_seconds"] + now - t_start,
-                "train_seconds": before["train_seconds"] + now - t_train,
-                "trained_images": before["trained_images"]
-                + steps_this_run * args.batch_size * rt.world_size}
-
-    def _save(meters: dict[str, torch.Tensor | None] | None = None) -> None:
-        """Checkpoint this step; `meters`: the figures' sums to save, if not the current ones."""
-        assert ckpt is not None
-        if meters is None:
-            meters = {"window": window.state(), "epoch": epoch_meter.state()}
-        extra = {"epoch": loader.epoch, "meters": meters, "train": (train_loss, train_acc),
-                 **_totals()}
-        try:
-            ckpt.save(step, model=ddp.module, optimizer=opt, algorithm=algo, loader=loader, extra=extra)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{e}{_good_checkpoint(ckpt, rt)}") from None
-
-    # -- the loop ----------------------------------------------------------------------------
-    val_loss = val_acc = math.nan
-    t_train = time.perf_counter()
-    steps_this_run, seen_since = 0, 0
-    t_window = time.perf_counter()
+def train_loop(run: Run) -> None:
+    """Train to ``run.total_steps``: log the train figures every ``log_every`` steps, checkpoint
+    every ``--checkpoint-every``, evaluate every ``--eval-every`` epochs and at the end. Every
+    collective here happens at the same step on every rank."""
+    args, rt, ddp, opt, algo = run.args, run.rt, run.ddp, run.opt, run.algo
+    lr_kw = {"base": args.lr, "milestones": args.lr_milestones, "decay": args.lr_decay,
+             "steps_per_epoch": run.steps_per_epoch}
+    run.t_train = time.perf_counter()
+    run.t_log = time.perf_counter()
     ddp.train()
-    done = step >= total_steps
-    end_meters: dict[str, torch.Tensor | None] | None = None
+    done = run.step >= run.total_steps
     while not done:
-        epoch = loader.epoch
-        for x, y in loader:
-            lr = lr_at(step, **lr_kw)
+        epoch = run.loader.epoch
+        for x, y in run.loader:
+            lr = lr_at(run.step, **lr_kw)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with _autocast(rt, bf16):
+            with _autocast(rt, run.bf16):
                 logits = ddp(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             algo.step()
-            step += 1
-            steps_this_run += 1
-            window.add(loss, logits.detach(), y)
-            seen_since += y.numel()
-
-            if step % log_every == 0:
-                wl, wa = window.reduce(rt.device)  # collective: every rank, same steps
-                _check_finite(step, rt, ddp.module, ckpt,
-                              {f"train loss (steps {step - log_every + 1}-{step})": wl})
-                epoch_meter.merge(window)
-                window = Meter()
-                now = time.perf_counter()
-                throughput = seen_since * rt.world_size / max(now - t_window, 1e-9)
-                t_window, seen_since = now, 0
-                report.scalars(step, {"train/loss": wl, "train/acc": wa, "lr": lr,
-                                      "throughput/images_per_s": throughput})
-                report.stats(step, args.algo, algo.stats())
-                report.progress(step, f"loss {wl:.3f} acc {wa:.3f} {throughput:,.0f} img/s")
-            if ckpt and args.checkpoint_every and step % args.checkpoint_every == 0:
-                _save()
-            if step >= total_steps:
+            run.step += 1
+            run.steps_this_run += 1
+            run.window.add(loss, logits.detach(), y)
+            run.images_since_log += y.numel()
+            if run.step % run.log_every == 0:
+                _log_train(run, lr)
+            if run.ckpt and args.checkpoint_every and run.step % args.checkpoint_every == 0:
+                _save(run)
+            if run.step >= run.total_steps:
                 done = True
                 break
-        epoch_end = loader.position == 0  # the loader rolled over (not cut by --max-steps)
+        epoch_end = run.loader.position == 0  # the loader rolled over (not cut by --max-steps)
         if done:  # the final checkpoint keeps the sums, so a longer rerun continues the epoch
-            end_meters = {"window": window.state(), "epoch": epoch_meter.state()}
+            run.end_meters = run.meters()
         if done or (epoch_end and (epoch + 1) % args.eval_every == 0):
-            epoch_meter.merge(window)
-            window = Meter()
-            train_loss, train_acc = epoch_meter.reduce(rt.device)
-            epoch_meter = Meter()
-            val_loss, val_acc = _validate(f"epoch {epoch + 1}/{args.epochs} step {step}: train loss "
-                                          f"{train_loss:.4f} acc {train_acc:.4f} | ")
-    if math.isnan(val_acc):  # resumed at the end, or nothing trained: still report the model
-        if epoch_meter.sums is not None or window.sums is not None:
-            # saved at the last step before the final figures: compute them as the run did
-            epoch_meter.merge(window)
-            window = Meter()
-            train_loss, train_acc = epoch_meter.reduce(rt.device)
-            epoch_meter = Meter()
-        val_loss, val_acc = _validate(f"step {step}: ")
-    if ckpt and args.checkpoint_every and step % args.checkpoint_every and steps_this_run:
-        # the end is a checkpoint too: a rerun of the same command finds the run complete
-        _save(end_meters)
+            run.close_train_figures()
+            _validate(run, f"epoch {epoch + 1}/{args.epochs} step {run.step}: train loss "
+                           f"{run.train_loss:.4f} acc {run.train_acc:.4f} | ")
 
-    totals = _totals()
-    wall = totals["wall_seconds"]
-    stats = algo.stats()
-    results: dict[str, Any] = {
-        "recipe": recipe.name, "dataset": args.dataset, "model": args.model, "algo": args.algo,
-        "world_size": rt.world_size, "replica_size": replica_size, "data_policy": args.data_policy,
-        "epochs": args.epochs, "steps": step, "steps_per_epoch": B,
-        "val_acc": val_acc, "val_loss": val_loss, "train_loss": train_loss, "train_acc": train_acc,
-        "comm_bytes": stats.get("comm_bytes"), "syncs": stats.get("syncs"),
-        "comm_seconds": stats.get("comm_seconds"), "consensus_distance": stats.get("consensus_distance"),
-        # over every attempt of the job (a resumed run continues the figures of the earlier ones)
-        "wall_seconds": wall, "train_seconds": totals["train_seconds"],
-        "images_per_second": totals["trained_images"] / max(totals["train_seconds"], 1e-9),
-        "hparams": effective, "adapted": notes, "evals": evals,
-        "training": {"batch_size": args.batch_size, "lr": args.lr, "lr_milestones": args.lr_milestones,
-                     "lr_decay": args.lr_decay, "momentum": args.momentum, "nesterov": args.nesterov,
-                     "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width,
-                     "bf16": bf16},
-    }
+
+def _log_train(run: Run, lr: float) -> None:
+    """The train figures since the last log (collective: every rank, same steps)."""
+    wl, wa = run.window.reduce(run.rt.device)
+    _check_finite(run.step, run.rt, run.ddp.module, run.ckpt,
+                  {f"train loss (steps {run.step - run.log_every + 1}-{run.step})": wl})
+    run.epoch_meter.merge(run.window)
+    run.window = Meter()
+    now = time.perf_counter()
+    throughput = run.images_since_log * run.rt.world_size / max(now - run.t_log, 1e-9)
+    run.t_log, run.images_since_log = now, 0
+    run.report.scalars(run.step, {"train/loss": wl, "train/acc": wa, "lr": lr,
+                                  "throughput/images_per_s": throughput})
+    run.report.stats(run.step, run.args.algo, run.algo.stats())
+    run.report.progress(run.step, f"loss {wl:.3f} acc {wa:.3f} {throughput:,.0f} img/s")
+
+
+def _validate(run: Run, prefix: str) -> None:
+    """Evaluate the consensus model (collective), log it, print one line on rank 0."""
+    seconds = time.perf_counter() - run.t_train  # training time so far (earlier evals included)
+    with run.algo.consensus():
+        run.val_loss, run.val_acc = evaluate(run.ddp.module, run.data, run.rt, max(256, run.args.batch_size), run.bf16)
+    _check_finite(run.step, run.rt, run.ddp.module, run.ckpt, {"val loss": run.val_loss})
+    run.evals.append({"step": run.step, "epoch": run.step / run.steps_per_epoch, "seconds": seconds,
+                      "val_acc": run.val_acc})
+    stats = run.algo.stats()
+    run.report.scalars(run.step, {"val/loss": run.val_loss, "val/acc": run.val_acc})
+    run.report.stats(run.step, run.args.algo, stats)
+    run.report.line(f"{prefix}val loss {run.val_loss:.4f} acc {run.val_acc:.4f} | "
+                    + format_figures(run_figures(run.args.algo, stats, run.opt.param_groups[0]["lr"])))
+
+
+def _save(run: Run, meters: dict[str, torch.Tensor | None] | None = None) -> None:
+    """Checkpoint this step; ``meters``: the figures' sums to save, if not the current ones."""
+    assert run.ckpt is not None
+    extra = {"epoch": run.loader.epoch, "meters": run.meters() if meters is None else meters,
+             "train": (run.train_loss, run.train_acc), **run.totals()}
+    try:
+        run.ckpt.save(run.step, model=run.ddp.module, optimizer=run.opt, algorithm=run.algo,
+                      loader=run.loader, extra=extra)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}{_good_checkpoint(run.ckpt, run.rt)}") from None
+
+
+def finish(run: Run) -> dict[str, Any] | None:
+    """The final evaluation (if the loop did not end with one) and checkpoint, the TensorBoard
+    hyper-parameters, the summary table and the results file; the results on rank 0, else None."""
+    args, rt = run.args, run.rt
+    if math.isnan(run.val_acc):  # resumed at the end, or nothing trained: still report the model
+        if run.epoch_meter.sums is not None or run.window.sums is not None:
+            # saved at the last step before the final figures: compute them as the run did
+            run.close_train_figures()
+        _validate(run, f"step {run.step}: ")
+    if run.ckpt and args.checkpoint_every and run.step % args.checkpoint_every and run.steps_this_run:
+        # the end is a checkpoint too: a rerun of the same command finds the run complete
+        _save(run, run.end_meters)
+
+    totals, stats = run.totals(), run.algo.stats()
+    results = _results(run, totals, stats)
+    report = run.report
     # A rerun of a finished job trains nothing: its results file, if any, stays as it was.
-    rerun = resume is not None and steps_this_run == 0
+    rerun = run.resume is not None and run.steps_this_run == 0
     if rerun:
-        say(f"the run was already complete at step {step}"
-            + (f"; {args.results} left as it is" if args.results and os.path.exists(args.results) else ""))
+        run.say(f"the run was already complete at step {run.step}"
+                + (f"; {args.results} left as it is" if args.results and os.path.exists(args.results) else ""))
     else:
-        report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": replica_size,
-                        **results["training"], **{f"{args.algo}.{k}": v for k, v in effective.items()}},
-                       {"val/acc": val_acc, "val/loss": val_loss})
-    report.summary(f"{recipe.name} {args.dataset} {args.algo}", {
-        "val acc": val_acc, "val loss": val_loss, "train loss": train_loss, "steps": step,
-        **run_figures(args.algo, stats, opt.param_groups[0]["lr"]),
+        report.hparams({"algo": args.algo, "world_size": rt.world_size, "replica_size": run.replica_size,
+                        **results["training"], **{f"{args.algo}.{k}": v for k, v in run.effective.items()}},
+                       {"val/acc": run.val_acc, "val/loss": run.val_loss})
+    report.summary(f"{run.recipe.name} {args.dataset} {args.algo}", {
+        "val acc": run.val_acc, "val loss": run.val_loss, "train loss": run.train_loss, "steps": run.step,
+        **run_figures(args.algo, stats, run.opt.param_groups[0]["lr"]),
         "comm s": results["comm_seconds"], "images/s": results["images_per_second"],
-        "wall s": wall})
+        "wall s": totals["wall_seconds"]})
     if not (rerun and args.results and os.path.exists(args.results)):
         report.results(args.results, results)
     report.close()
     return results if rt.is_main else None
+
+
+def _results(run: Run, totals: dict[str, float], stats: dict[str, Any]) -> dict[str, Any]:
+    """The run's results file: final figures, communication, times, and every setting."""
+    args = run.args
+    return {
+        "recipe": run.recipe.name, "dataset": args.dataset, "model": args.model, "algo": args.algo,
+        "world_size": run.rt.world_size, "replica_size": run.replica_size, "data_policy": args.data_policy,
+        "epochs": args.epochs, "steps": run.step, "steps_per_epoch": run.steps_per_epoch,
+        "val_acc": run.val_acc, "val_loss": run.val_loss, "train_loss": run.train_loss, "train_acc": run.train_acc,
+        "comm_bytes": stats.get("comm_bytes"), "syncs": stats.get("syncs"),
+        "comm_seconds": stats.get("comm_seconds"), "consensus_distance": stats.get("consensus_distance"),
+        # over every attempt of the job (a resumed run continues the figures of the earlier ones)
+        "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
+        "images_per_second": totals["trained_images"] / max(totals["train_seconds"], 1e-9),
+        "hparams": run.effective, "adapted": list(run.notes.values()), "evals": run.evals,
+        "training": {"batch_size": args.batch_size, "lr": args.lr, "lr_milestones": args.lr_milestones,
+                     "lr_decay": args.lr_decay, "momentum": args.momentum, "nesterov": args.nesterov,
+                     "weight_decay": args.weight_decay, "seed": args.seed, "width": args.width,
+                     "bf16": run.bf16},
+    }

@@ -75,23 +75,36 @@ def test_cli_types_and_foreign_flags(capsys):
     assert "--rho is not a hyper-parameter of cpsgd" in capsys.readouterr().err
 
 
-def test_recipe_defaults_follow_the_papers_and_adapt():
+def test_recipe_defaults_are_run_derived_and_adapt():
+    """The recipe passes only values derived from the run; the papers' settings are the library's."""
     d, notes = cli.algo_defaults("parle", steps_per_epoch=469, total_steps=469 * 10, seed=0)
-    assert d["L"] == 25 and d["alpha"] == 0.75 and d["steps_per_epoch"] == 469 and not notes
+    assert d == {"steps_per_epoch": 469} and notes == {}  # L, alpha, rho: the library's
     d, notes = cli.algo_defaults("parle", steps_per_epoch=44, total_steps=220, seed=0)
-    assert d["L"] < 25 and notes and "L 25 ->" in notes[0]
-    d, _ = cli.algo_defaults("adpsgd", steps_per_epoch=100, total_steps=4000, seed=0)
-    assert d["warmup_steps"] == 100 and d["sample_steps"] == 1000 and d["p_init"] == 4
+    assert d == {"steps_per_epoch": 44, "L": 5} and list(notes) == ["L"] and notes["L"].startswith("L 25 -> 5: ")
+    d, notes = cli.algo_defaults("adpsgd", steps_per_epoch=100, total_steps=4000, seed=0)
+    assert d == {"warmup_steps": 100, "sample_steps": 1000} and notes == {}
+    d, notes = cli.algo_defaults("adpsgd", steps_per_epoch=100, total_steps=150, seed=0)
+    assert d == {"warmup_steps": 15, "sample_steps": 37} and list(notes) == ["warmup_steps"]
     d, _ = cli.algo_defaults("cpsgd", steps_per_epoch=100, total_steps=4000, seed=0)
-    assert d["period"] == 8
-    d, _ = cli.algo_defaults("easgd", steps_per_epoch=100, total_steps=4000, seed=3)
-    assert d["steps_per_epoch"] == 100
-    d, _ = cli.algo_defaults("dpsgd", steps_per_epoch=100, total_steps=4000, seed=3)
-    assert d["seed"] == 3
-    # a user's flag wins over the recipe default, and its adaptation note goes away
+    assert d == {"log_every": 10}  # no warm-up: that rule is ADPSGD's
+    d, _ = cli.algo_defaults("cpsgd", steps_per_epoch=100, total_steps=4000, seed=0, log_interval=7)
+    assert d == {"log_every": 7}
+    assert cli.algo_defaults("easgd", steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"steps_per_epoch": 100}
+    assert cli.algo_defaults("dpsgd", steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"seed": 3, "log_every": 10}
+    assert cli.algo_defaults("ssgd-noise", steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"seed": 3}
+    # the papers' values the recipe used to restate are the library's defaults
+    library = {name: {d.name: d.default for d in commhooks.config.hparam_docs(name)} for name in ("cpsgd", "ssgd-noise")}
+    assert library["cpsgd"]["period"] == 8 and library["ssgd-noise"]["noise_std"] == 0.01
+    # a user's flag wins over the recipe default, and the note of that field goes away
     args = cli.parse_args(MNIST, ["--dataset", "digits", "--algo", "parle", "--L", "25"])
     passed, effective, notes = cli.resolve_hparams(args, steps_per_epoch=44, total_steps=220)
-    assert passed["L"] == 25 and effective["gamma"] == 0.01 and not notes
+    assert passed == {"L": 25, "steps_per_epoch": 44} and effective["gamma"] == 0.01 and notes == {}
+    args = cli.parse_args(MNIST, ["--dataset", "digits", "--algo", "adpsgd", "--p-init", "5"])
+    passed, _, notes = cli.resolve_hparams(args, steps_per_epoch=100, total_steps=150)
+    assert passed == {"p_init": 5, "warmup_steps": 15, "sample_steps": 37} and list(notes) == ["warmup_steps"]
+    args = cli.parse_args(MNIST, ["--dataset", "digits", "--algo", "adpsgd", "--warmup-steps", "3"])
+    passed, _, notes = cli.resolve_hparams(args, steps_per_epoch=100, total_steps=150)
+    assert passed == {"warmup_steps": 3, "sample_steps": 37} and notes == {}
 
 
 # ---------------------------------------------------------------------------------------------
