@@ -91,6 +91,11 @@ class GossipMixing(Component):
             dist.all_reduce(torch.zeros(1, device=ctx.weights.device), group=topo.weight_group)
         ctx.grad_state.on_first_bucket = self.start_exchange
 
+    @property
+    def peers(self) -> tuple[int, ...]:
+        """The replicas this one exchanged weights with in the latest step (``all``: none listed)."""
+        return tuple(self._peers)
+
     def prepare(self, k: int) -> None:
         self.k = k
 

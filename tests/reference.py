@@ -52,13 +52,15 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: int | None,
+def train(rank: int, world: int, name: str, hp: dict, *, steps: int, replica_size: int | None = None,
           opt: dict = OPT, save_at: int | None = None, state: dict | None = None,
           data_offset: int = 0) -> dict:
     """Run ``steps`` steps of ``name`` on this rank; return final parameters, stats, period trace.
 
-    ``state`` (a previous run's ``saved``) resumes from it; ``save_at`` saves after that step;
-    rank r reads rank ``r + data_offset``'s data.
+    ``replica_size`` None is the algorithm's default (1; entropysgd: the world); ``state`` (a
+    previous run's ``saved``) resumes from it; ``save_at`` saves after that step; rank r reads
+    rank ``r + data_offset``'s data; ``peers`` lists, per step, the gossip peers of each
+    ``GossipMixing`` component.
     """
     model = make_model()
     ddp = make_ddp(model)
@@ -77,7 +79,7 @@ def train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size: 
         loss_of(ddp, rank + data_offset, k).backward()
         algo.step()
         periods.append(algo.stats().get("period"))
-        peers.append([list(c._peers) for c in algo.components if hasattr(c, "_peers")])
+        peers.append([list(c.peers) for c in algo.components if isinstance(c, commhooks.GossipMixing)])
         if save_at is not None and k + 1 == save_at:
             saved = {"model": {n: t.clone() for n, t in model.state_dict().items()},
                      "optimizer": copy.deepcopy(optimizer.state_dict()),

@@ -1,9 +1,11 @@
 """Run a function on several gloo ranks (forked processes), with a hard timeout.
 
-``run_ranks(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)`` in ``world_size``
-processes that share a FileStore process group, and returns the list of their return values
-(saved with ``torch.save``, so tensors come back intact). A rank that raises makes the call raise
-with its traceback; a rank that hangs (a collective nobody answers) is killed at ``timeout``.
+``run_ranks(fn, world_size, *args, **kwargs)`` calls ``fn(rank, world_size, *args, **kwargs)`` in
+``world_size`` processes that share a FileStore process group, and returns the list of their
+return values (saved with ``torch.save``, so tensors come back intact). Pass options by keyword,
+``run_ranks(train, 4, "cpsgd", hp, steps=12, replica_size=2)``; ``timeout`` is the helper's own.
+A rank that raises makes the call raise with its traceback; a rank that hangs (a collective
+nobody answers) is killed at ``timeout``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch._dynamo  # DDP imports it lazily (~900 modules): once here, not in 
 import torch.distributed as dist
 
 
-def _entry(fn: Callable, rank: int, world_size: int, workdir: str, timeout: float, args: tuple) -> None:
+def _entry(fn: Callable[..., Any], rank: int, world_size: int, workdir: str, timeout: float,
+           args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     result_path = os.path.join(workdir, f"result_{rank}.pt")
     try:
@@ -33,7 +36,7 @@ def _entry(fn: Callable, rank: int, world_size: int, workdir: str, timeout: floa
             world_size=world_size,
             timeout=timedelta(seconds=timeout),
         )
-        result = fn(rank, world_size, *args)
+        result = fn(rank, world_size, *args, **kwargs)
         torch.save({"ok": result}, result_path)
         dist.barrier()  # no rank tears its group down while a peer still talks to it
     except BaseException:  # report everything, including assertion errors, to the parent
@@ -45,12 +48,16 @@ def _entry(fn: Callable, rank: int, world_size: int, workdir: str, timeout: floa
     os._exit(0)
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return their results.
+
+    A rank that raises makes this raise with every failed rank's traceback; ranks still running
+    after ``timeout`` seconds are killed and this raises ``TimeoutError``.
+    """
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory() as workdir:
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, workdir, timeout, args), daemon=True)
+            ctx.Process(target=_entry, args=(fn, r, world_size, workdir, timeout, args, kwargs), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:
@@ -63,7 +70,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0) 
             if p.is_alive():
                 p.kill()
                 p.join()
-        results, errors = [], []
+        results: list[Any] = []
+        errors: list[str] = []
         for r in range(world_size):
             path = os.path.join(workdir, f"result_{r}.pt")
             if not os.path.exists(path):

@@ -16,7 +16,7 @@ def _bn_model():
     return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
 
 
-def _buffers_at_sync(rank, world, buffers, replica_size):
+def _buffers_at_sync(rank, world, *, buffers, replica_size):
     model = _bn_model()
     ddp = make_ddp(model)
     algo = commhooks.build("cpsgd", ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), replica_size,
@@ -34,7 +34,7 @@ def _buffers_at_sync(rank, world, buffers, replica_size):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("replica_size", [1, 2])
 def test_float_buffers_averaged_integer_buffers_maxed(replica_size):
-    for mean, var, count in run_ranks(_buffers_at_sync, 4, "average", replica_size):
+    for mean, var, count in run_ranks(_buffers_at_sync, 4, buffers="average", replica_size=replica_size):
         assert torch.equal(mean, torch.full((3,), 1.5, dtype=torch.float64))
         assert torch.equal(var, torch.full((3,), 15.0, dtype=torch.float64))
         assert count == 3
@@ -42,7 +42,7 @@ def test_float_buffers_averaged_integer_buffers_maxed(replica_size):
 
 @pytest.mark.timeout(60)
 def test_local_buffers_never_communicated():
-    for rank, (mean, var, count) in enumerate(run_ranks(_buffers_at_sync, 4, "local", 1)):
+    for rank, (mean, var, count) in enumerate(run_ranks(_buffers_at_sync, 4, buffers="local", replica_size=1)):
         assert torch.equal(mean, torch.full((3,), float(rank), dtype=torch.float64))
         assert count == rank
 
@@ -95,8 +95,8 @@ def test_parle_consensus_averages_anchors():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("compression", ["fp16", "bf16"])
 def test_compressed_gradients_halve_bytes_and_stay_close(compression):
-    plain = run_ranks(train, 2, "ssgd", {}, 6, 1)
-    packed = run_ranks(train, 2, "ssgd", {"grad_compression": compression}, 6, 1)
+    plain = run_ranks(train, 2, "ssgd", {}, steps=6, replica_size=1)
+    packed = run_ranks(train, 2, "ssgd", {"grad_compression": compression}, steps=6, replica_size=1)
     assert packed[0]["stats"]["comm_bytes"] * 4 == plain[0]["stats"]["comm_bytes"]  # float64 -> 16 bit
     tol = 1e-2 if compression == "bf16" else 1e-3
     err = float((packed[0]["params"] - plain[0]["params"]).abs().max())
@@ -106,19 +106,19 @@ def test_compressed_gradients_halve_bytes_and_stay_close(compression):
 
 @pytest.mark.timeout(120)
 def test_stats_count_bytes_and_syncs():
-    res = run_ranks(train, 4, "cpsgd", {"period": 3}, 12, 1)
+    res = run_ranks(train, 4, "cpsgd", {"period": 3}, steps=12, replica_size=1)
     n_params = res[0]["params"].numel()
     stats = res[0]["stats"]
     assert stats["syncs"] == 4
     # four weight all-reduces of float64 parameters and nothing else: a CPSGD sync is the mean
     assert stats["comm_bytes"] == 4 * n_params * 8 and stats["comm_seconds"] >= 0
     assert stats["measure_bytes"] == 0 and math.isnan(stats["consensus_distance"])  # not measured
-    measured = run_ranks(train, 4, "cpsgd", {"period": 3, "log_every": 3}, 12, 1)[0]["stats"]
+    measured = run_ranks(train, 4, "cpsgd", {"period": 3, "log_every": 3}, steps=12, replica_size=1)[0]["stats"]
     assert measured["comm_bytes"] == stats["comm_bytes"]  # measurement is not the algorithm's
     assert measured["measure_bytes"] == 4 * 8  # one float64 scalar per sync
     # ADPSGD with thresholds that never move is CPSGD; it computes S exactly, as its own scalar
     adaptive = {"p_init": 3, "sample_steps": 2, "low": 0.0, "high": float("inf")}
-    exact = run_ranks(train, 4, "adpsgd", adaptive, 12, 1)[0]["stats"]
+    exact = run_ranks(train, 4, "adpsgd", adaptive, steps=12, replica_size=1)[0]["stats"]
     assert exact["comm_bytes"] == 4 * (n_params * 8 + 8) and exact["measure_bytes"] == 0
     assert exact["consensus_distance"] > 0 and measured["consensus_step"] == exact["consensus_step"] == 12
     # a model smaller than the probe's sample is measured exactly

@@ -24,7 +24,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_simulation(case, replica_size):
     name, hp = CASES[case]
-    results = run_ranks(train, 4, name, hp, STEPS, replica_size)
+    results = run_ranks(train, 4, name, hp, steps=STEPS, replica_size=replica_size)
     sim, _ = simulate(name, hp, 4, replica_size, STEPS)
     assert_matches(results, sim)
     if name != "dpsgd":
@@ -33,7 +33,7 @@ def test_matches_simulation(case, replica_size):
 
 @pytest.mark.timeout(60)
 def test_ring_with_three_replicas_matches_simulation():
-    results = run_ranks(train, 3, "dpsgd", {"topology": "ring"}, STEPS, 1)
+    results = run_ranks(train, 3, "dpsgd", {"topology": "ring"}, steps=STEPS, replica_size=1)
     sim, _ = simulate("dpsgd", {"topology": "ring"}, 3, 1, STEPS)
     assert_matches(results, sim)
 
@@ -41,10 +41,10 @@ def test_ring_with_three_replicas_matches_simulation():
 @pytest.mark.timeout(60)
 def test_entropysgd_matches_simulation_and_parle_with_one_replica():
     hp = {k: v for k, v in CASES["parle"][1].items() if k not in ("rho", "rho_max")}
-    ent = run_ranks(train, 4, "entropysgd", hp, STEPS, None)
+    ent = run_ranks(train, 4, "entropysgd", hp, steps=STEPS)
     sim, _ = simulate("entropysgd", hp, 4, 4, STEPS)
     assert_matches(ent, sim)
-    parle = run_ranks(train, 4, "parle", CASES["parle"][1], STEPS, 4)
+    parle = run_ranks(train, 4, "parle", CASES["parle"][1], steps=STEPS, replica_size=4)
     for e, p in zip(ent, parle):
         assert torch.equal(e["params"], p["params"])
 
@@ -52,10 +52,10 @@ def test_entropysgd_matches_simulation_and_parle_with_one_replica():
 @pytest.mark.timeout(60)
 def test_parle_without_coupling_is_independent_entropysgd_per_replica():
     hp = dict(CASES["parle"][1], rho=0.0)
-    parle = run_ranks(train, 4, "parle", hp, STEPS, 2)
+    parle = run_ranks(train, 4, "parle", hp, steps=STEPS, replica_size=2)
     ent_hp = {k: v for k, v in hp.items() if k not in ("rho", "rho_max")}
     for replica in range(2):
-        alone = run_ranks(train, 2, "entropysgd", ent_hp, STEPS, None, OPT, None, None, 2 * replica)
+        alone = run_ranks(train, 2, "entropysgd", ent_hp, steps=STEPS, data_offset=2 * replica)
         for local in range(2):
             assert torch.equal(alone[local]["params"], parle[2 * replica + local]["params"])
 
@@ -65,8 +65,8 @@ def test_random_pair_mixing_preserves_the_mean():
     """Without momentum the replicas' mean moves exactly like SGD on the mean gradient."""
     sgd = dict(lr=0.1)
     steps = 6
-    before = run_ranks(train, 4, "dpsgd", {"topology": "random-pair"}, steps - 1, 1, sgd)
-    after = run_ranks(train, 4, "dpsgd", {"topology": "random-pair"}, steps, 1, sgd)
+    before = run_ranks(train, 4, "dpsgd", {"topology": "random-pair"}, steps=steps - 1, replica_size=1, opt=sgd)
+    after = run_ranks(train, 4, "dpsgd", {"topology": "random-pair"}, steps=steps, replica_size=1, opt=sgd)
     # The gradient of the last step, each rank at its own weights, recomputed in closed form.
     from reference import loss_of, make_model
     grads = []
@@ -84,7 +84,7 @@ def test_random_pair_mixing_preserves_the_mean():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world", [3, 4])
 def test_random_pair_matchings_agree_and_odd_world_finishes(world):
-    results = run_ranks(train, world, "dpsgd", {"topology": "random-pair", "seed": 1}, STEPS, 1)
+    results = run_ranks(train, world, "dpsgd", {"topology": "random-pair", "seed": 1}, steps=STEPS, replica_size=1)
     sim, _ = simulate("dpsgd", {"topology": "random-pair", "seed": 1}, world, 1, STEPS)
     assert_matches(results, sim)
     for k in range(STEPS):
@@ -99,11 +99,11 @@ def test_random_pair_matchings_agree_and_odd_world_finishes(world):
 @pytest.mark.timeout(60)
 def test_gossip_consensus_distance_when_asked():
     hp = {"topology": "ring", "log_every": 4}
-    results = run_ranks(train, 4, "dpsgd", hp, STEPS, 1)
+    results = run_ranks(train, 4, "dpsgd", hp, steps=STEPS, replica_size=1)
     sim, _ = simulate("dpsgd", hp, 4, 1, STEPS)
     mean = sum(sim.flat_params(a) for a in range(4)) / 4
     expected = sum(float(((mean - sim.flat_params(a)) ** 2).sum()) for a in range(4)) / 4
     assert expected > 0
     assert abs(results[0]["stats"]["consensus_distance"] - expected) < 1e-12
-    quiet = run_ranks(train, 4, "dpsgd", {"topology": "ring"}, 4, 1)
+    quiet = run_ranks(train, 4, "dpsgd", {"topology": "ring"}, steps=4, replica_size=1)
     assert math.isnan(quiet[0]["stats"]["consensus_distance"])  # not measured: NaN, never 0.0

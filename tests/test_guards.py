@@ -39,7 +39,7 @@ def _step(ddp, optimizer, algo, rank, k):
     algo.step()
 
 
-def _out_of_step(rank, world, name, hp, steps, odd_rank, how, replica_size, find_unused):
+def _out_of_step(rank, world, name, hp, *, steps, odd_rank, how, replica_size, find_unused):
     """Every rank runs ``steps`` steps then evaluates in consensus(); ``odd_rank`` skips or repeats one."""
     _, ddp, optimizer, algo = _build(name, hp, replica_size, find_unused=find_unused)
     attempts = 0  # step() calls begun
@@ -84,8 +84,8 @@ REPEAT = ("cpsgd-sync", "dpsgd-ring")
 def test_a_rank_out_of_step_fails_fast_on_every_rank(case, how):
     name, hp, world, steps, replica_size, find_unused = CASES[case]
     odd = world - 1
-    results = run_ranks(_out_of_step, world, name, hp, steps, odd, how, replica_size, find_unused,
-                        timeout=TIMEOUT_S - 5)
+    results = run_ranks(_out_of_step, world, name, hp, steps=steps, odd_rank=odd, how=how, replica_size=replica_size,
+                        find_unused=find_unused, timeout=TIMEOUT_S - 5)
     assert [r["attempts"] for r in results] == [steps] * odd + [steps + (1 if how == "repeat" else -1)]
     for rank, res in enumerate(results):
         assert res["error"] is not None, f"rank {rank} did not notice"
@@ -133,7 +133,7 @@ def test_consensus_entered_by_one_rank_alone_fails_within_its_timeout():
     assert time.monotonic() - start < TIMEOUT_S / 2
 
 
-def _train_and_count(rank, world, name, hp, steps, check_steps, find_unused):
+def _train_and_count(rank, world, name, hp, *, steps, check_steps, find_unused):
     model, ddp, optimizer, algo = _build(name, hp, find_unused=find_unused, check_steps=check_steps)
     for k in range(steps):
         _step(ddp, optimizer, algo, rank, k)
@@ -153,8 +153,8 @@ STEPS = 9
     ("cpsgd", {"period": 3}, True, STEPS),  # DDP communicates in every backward: one per step
 ])
 def test_the_check_costs_40_bytes_a_time_and_changes_nothing(name, hp, find_unused, checks):
-    on = run_ranks(_train_and_count, 3, name, hp, STEPS, True, find_unused)
-    off = run_ranks(_train_and_count, 3, name, hp, STEPS, False, find_unused)
+    on = run_ranks(_train_and_count, 3, name, hp, steps=STEPS, check_steps=True, find_unused=find_unused)
+    off = run_ranks(_train_and_count, 3, name, hp, steps=STEPS, check_steps=False, find_unused=find_unused)
     syncs = {"cpsgd": STEPS // 3, "dpsgd": STEPS, "parle": STEPS // PARLE["L"]}[name]
     for a, b in zip(on, off):
         assert torch.equal(a["params"], b["params"])
@@ -164,7 +164,7 @@ def test_the_check_costs_40_bytes_a_time_and_changes_nothing(name, hp, find_unus
         assert b["checks"] == 0
 
 
-def _diverge(rank, world, name, hp, bad_rank, bad_after, explicit):
+def _diverge(rank, world, name, hp, *, bad_rank, bad_after, explicit):
     _, ddp, optimizer, algo = _build(name, hp, check_finite=not explicit)
     try:
         for k in range(8):
@@ -187,7 +187,7 @@ def _diverge(rank, world, name, hp, bad_rank, bad_after, explicit):
     ("parle", PARLE, "Parle anchor average at step 5"),  # outer steps in steps 2, 5, ...
 ])
 def test_non_finite_weights_stop_every_rank_at_the_next_exchange(name, hp, where):
-    results = run_ranks(_diverge, 3, name, hp, 1, 3, False)
+    results = run_ranks(_diverge, 3, name, hp, bad_rank=1, bad_after=3, explicit=False)
     for res in results:
         assert res["error"] is not None
         assert where in res["error"]
@@ -197,12 +197,12 @@ def test_non_finite_weights_stop_every_rank_at_the_next_exchange(name, hp, where
 
 @pytest.mark.timeout(60)
 def test_check_finite_on_demand_names_the_step_on_every_rank():
-    results = run_ranks(_diverge, 2, "dpsgd", {"topology": "ring"}, 0, 4, True)
+    results = run_ranks(_diverge, 2, "dpsgd", {"topology": "ring"}, bad_rank=0, bad_after=4, explicit=True)
     for res in results:
         assert "non-finite weights (NaN or inf), found at check_finite() at step 4" in res["error"]
         assert "rank 0: parameters of flat group 0" in res["error"]
         assert res["step"] == 4
-    healthy = run_ranks(_diverge, 2, "dpsgd", {"topology": "ring"}, 0, 100, True)
+    healthy = run_ranks(_diverge, 2, "dpsgd", {"topology": "ring"}, bad_rank=0, bad_after=100, explicit=True)
     assert all(r["error"] is None for r in healthy)
 
 

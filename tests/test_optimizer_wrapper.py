@@ -79,7 +79,7 @@ def _one_step(how, opt, algo, ddp, scaler, rank, k):
         scaler.update()
 
 
-def _ways_of_stepping(rank, world, steps):
+def _ways_of_stepping(rank, world, *, steps):
     """Each algorithm, stepped through algo.step() and four other ways, the same MultiStepLR schedule."""
     out = {}
     for name, hp in CASES.items():
@@ -97,7 +97,7 @@ def _ways_of_stepping(rank, world, steps):
 
 @pytest.mark.timeout(120)
 def test_optimizer_step_is_algo_step_bit_for_bit_for_every_algorithm():
-    results = run_ranks(_ways_of_stepping, WORLD, STEPS, timeout=110)
+    results = run_ranks(_ways_of_stepping, WORLD, steps=STEPS, timeout=110)
     for rank, res in enumerate(results):
         for name in CASES:
             ref = res[(name, "algo.step")]
@@ -152,7 +152,7 @@ def test_bare_inner_optimizer_step_is_refused_at_the_first_call():
 SKIP = 3  # the data index whose step overflows on rank 0
 
 
-def _overflow(rank, world, steps):
+def _overflow(rank, world, *, steps):
     out = {}
     for name, hp in CASES.items():
         for how in ("overflow", "never-happened"):
@@ -185,7 +185,7 @@ def _overflow(rank, world, steps):
 @pytest.mark.timeout(120)
 def test_grad_scaler_overflow_on_one_rank_is_skipped_by_every_rank():
     steps = 7
-    results = run_ranks(_overflow, WORLD, steps, timeout=110)
+    results = run_ranks(_overflow, WORLD, steps=steps, timeout=110)
     grad_bytes = sum(p.numel() * p.element_size() for p in make_model().parameters())
     for name in CASES:
         for rank, res in enumerate(results):
@@ -210,7 +210,7 @@ def test_grad_scaler_overflow_on_one_rank_is_skipped_by_every_rank():
             assert one["finite_here"], name
 
 
-def _scheduled(rank, world, name, hp, steps, make_scheduler):
+def _scheduled(rank, world, name, hp, *, steps, make_scheduler):
     model, ddp, _, algo = _build(name, hp)
     opt = algo.as_optimizer()
     sched = make_scheduler(opt)
@@ -244,7 +244,7 @@ def test_multisteplr_drives_adpsgd_period_like_the_simulation():
     def make(opt):
         return MultiStepLR(opt, milestones=[10], gamma=0.1)
 
-    results = run_ranks(_scheduled, WORLD, "adpsgd", hp, steps, make)
+    results = run_ranks(_scheduled, WORLD, "adpsgd", hp, steps=steps, make_scheduler=make)
     values = _schedule_values(make, steps)
     sim, expected = simulate("adpsgd", hp, WORLD, 1, steps, schedule=values.__getitem__)
     for res in results:
@@ -261,7 +261,7 @@ def test_onecyclelr_drives_parle_outer_step_like_the_simulation():
     def make(opt):  # warms up, then anneals; cycles momentum between 0.85 and 0.95 as well
         return OneCycleLR(opt, max_lr=0.3, total_steps=steps + 1)
 
-    results = run_ranks(_scheduled, WORLD, "parle", hp, steps, make)
+    results = run_ranks(_scheduled, WORLD, "parle", hp, steps=steps, make_scheduler=make)
     values = _schedule_values(make, steps)
     assert len({v["momentum"] for v in values}) > 1 and len({v["lr"] for v in values}) > 1
     sim, _ = simulate("parle", hp, WORLD, 1, steps, schedule=values.__getitem__)
@@ -300,7 +300,7 @@ def _clipped_run(name, rank, steps, max_norm, mode, coefs):
     return flat(model.parameters()), seen
 
 
-def _clipping(rank, world, steps, max_norm):
+def _clipping(rank, world, *, steps, max_norm):
     out = {}
     for name in ("easgd", "parle"):
         coefs = []
@@ -315,7 +315,7 @@ def _clipping(rank, world, steps, max_norm):
 @pytest.mark.timeout(60)
 def test_clip_grad_norm_clips_the_data_gradient_and_a_pre_hook_clips_the_total():
     max_norm = 0.05
-    for res in run_ranks(_clipping, WORLD, STEPS, max_norm):
+    for res in run_ranks(_clipping, WORLD, steps=STEPS, max_norm=max_norm):
         for name, r in res.items():
             assert min(r["coefs"]) < 0.5, name  # clipping is active
             # clipping == scaling the data gradient only: the pull/proximal term is not clipped
@@ -326,7 +326,7 @@ def test_clip_grad_norm_clips_the_data_gradient_and_a_pre_hook_clips_the_total()
             assert float((r["total"] - r["clipped"]).abs().max()) > 1e-9, name
 
 
-def _accumulated(rank, world, steps):
+def _accumulated(rank, world, *, steps):
     """Two micro-batches per step (rows 0-1 under no_sync, then row 2), losses summing to loss_of."""
     out = {}
     for name, hp in CASES.items():
@@ -345,7 +345,7 @@ def _accumulated(rank, world, steps):
 
 @pytest.mark.timeout(90)
 def test_no_sync_accumulation_matches_one_step_on_the_mean_gradient():
-    results = run_ranks(_accumulated, WORLD, STEPS, timeout=80)
+    results = run_ranks(_accumulated, WORLD, steps=STEPS, timeout=80)
     for name, hp in CASES.items():
         sim, _ = simulate(name, hp, WORLD, 1, STEPS)
         assert_matches([r[name] for r in results], sim)

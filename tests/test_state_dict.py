@@ -23,9 +23,9 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_resume_is_exact(name):
     replica_size = None if name == "entropysgd" else 2 if name == "parle" else 1
-    full = run_ranks(train, 4, name, CASES[name], STEPS, replica_size, OPT, SAVE_AT)
+    full = run_ranks(train, 4, name, CASES[name], steps=STEPS, replica_size=replica_size, save_at=SAVE_AT)
     states = [r["saved"] for r in full]
-    resumed = run_ranks(_resume, 4, name, CASES[name], replica_size, states)
+    resumed = run_ranks(_resume, 4, name, CASES[name], replica_size=replica_size, states=states)
     for f, r in zip(full, resumed):
         assert torch.equal(f["params"], r["params"])
         assert f["stats"]["syncs"] == r["stats"]["syncs"]
@@ -33,17 +33,17 @@ def test_resume_is_exact(name):
         assert f["periods"][SAVE_AT:] == r["periods"]
 
 
-def _resume(rank, world, name, hp, replica_size, states):
-    return train(rank, world, name, hp, STEPS, replica_size, OPT, None, states[rank])
+def _resume(rank, world, name, hp, *, replica_size, states):
+    return train(rank, world, name, hp, steps=STEPS, replica_size=replica_size, state=states[rank])
 
 
 def _wrong_algorithm(rank, world, states):
     with pytest.raises(ValueError, match="saved by algorithm 'cpsgd'"):
-        train(rank, world, "ssgd", {}, 2, 1, OPT, None, states[rank])
+        train(rank, world, "ssgd", {}, steps=2, replica_size=1, state=states[rank])
     return True
 
 
 @pytest.mark.timeout(60)
 def test_loading_another_algorithms_state_is_refused():
-    full = run_ranks(train, 2, "cpsgd", {"period": 2}, 2, 1, OPT, 1)
+    full = run_ranks(train, 2, "cpsgd", {"period": 2}, steps=2, replica_size=1, save_at=1)
     assert all(run_ranks(_wrong_algorithm, 2, [r["saved"] for r in full]))

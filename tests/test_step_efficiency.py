@@ -33,7 +33,7 @@ def _record_p2p(rank, world, topology):
         setattr(c10d, name, recording(name))
         setattr(dist, name, getattr(c10d, name))
     try:
-        result = train(rank, world, "dpsgd", {"topology": topology}, 3, 1)
+        result = train(rank, world, "dpsgd", {"topology": topology}, steps=3, replica_size=1)
     finally:
         for name, fn in originals.items():
             setattr(c10d, name, fn)
@@ -54,8 +54,8 @@ def test_exchange_posts_every_receive_before_its_sends(world, peers):
 
 @pytest.mark.timeout(90)
 def test_gossip_consensus_distance_is_measured_apart_and_never_a_false_zero():
-    quiet = run_ranks(train, 4, "dpsgd", {"topology": "random-pair", "seed": 3}, STEPS, 1)
-    loud = run_ranks(train, 4, "dpsgd", {"topology": "random-pair", "seed": 3, "log_every": 2}, STEPS, 1)
+    quiet = run_ranks(train, 4, "dpsgd", {"topology": "random-pair", "seed": 3}, steps=STEPS, replica_size=1)
+    loud = run_ranks(train, 4, "dpsgd", {"topology": "random-pair", "seed": 3, "log_every": 2}, steps=STEPS, replica_size=1)
     sim, _ = simulate("dpsgd", {"topology": "random-pair", "seed": 3}, 4, 1, STEPS)
     mean = sum(sim.flat_params(a) for a in range(4)) / 4
     expected = sum(float(((mean - sim.flat_params(a)) ** 2).sum()) for a in range(4)) / 4
@@ -70,7 +70,7 @@ def test_gossip_consensus_distance_is_measured_apart_and_never_a_false_zero():
         assert expected > 0 and abs(m["stats"]["consensus_distance"] - expected) < 1e-12 * expected
 
 
-def _probe_estimates(rank, world, draws, sample_size):
+def _probe_estimates(rank, world, *, draws, sample_size):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 1))  # 20,401 parameters
     ddp = DDP(model, **commhooks.ddp_buffer_sync_kwargs(False))
@@ -96,7 +96,7 @@ def _probe_estimates(rank, world, draws, sample_size):
 @pytest.mark.timeout(60)
 def test_sampled_consensus_estimate_is_unbiased_and_kilobytes():
     draws, m = 40, 500
-    for exact, estimates, stats in run_ranks(_probe_estimates, 4, draws, m):
+    for exact, estimates, stats in run_ranks(_probe_estimates, 4, draws=draws, sample_size=m):
         assert all(abs(e / exact - 1) < 0.35 for e in estimates), (exact, estimates)
         assert abs(sum(estimates) / draws / exact - 1) < 0.05, (exact, sum(estimates) / draws)
         assert len(set(estimates)) > draws // 2  # a fresh sample each time
@@ -186,7 +186,7 @@ def test_elastic_buffers_are_averaged_at_a_refresh(name, hp):
         assert torch.equal(mean, torch.full((3,), 1.5, dtype=torch.float64)) and count == 3
 
 
-def _noise_drawn_in_line(rank, world, hp, steps):
+def _noise_drawn_in_line(rank, world, hp, *, steps):
     from reference import OPT, flat, loss_of, make_model
 
     model = make_model()
@@ -204,7 +204,7 @@ def _noise_drawn_in_line(rank, world, hp, steps):
 @pytest.mark.timeout(60)
 def test_noise_drawn_in_the_background_or_in_line_is_the_same():
     hp = {"noise_std": 0.01, "seed": 4}
-    background = run_ranks(train, 2, "ssgd-noise", hp, 5, 1)
-    in_line = run_ranks(_noise_drawn_in_line, 2, hp, 5)
+    background = run_ranks(train, 2, "ssgd-noise", hp, steps=5, replica_size=1)
+    in_line = run_ranks(_noise_drawn_in_line, 2, hp, steps=5)
     for b, i in zip(background, in_line):
         assert torch.equal(b["params"], i)
