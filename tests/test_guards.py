@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -12,6 +13,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
+from commhooks.config import make_config
+from commhooks.guards import warn_foot_guns
 from reference import OPT, loss_of, make_model
 from spawn import run_ranks
 
@@ -232,15 +235,13 @@ def test_pull_stability_bound_is_where_sgd_on_the_pull_starts_to_diverge():
     assert abs(commhooks.pull_stability_bound(0.9, True) - 1.357) < 1e-3
 
 
-def _warnings_at_build(rank, world, cases):
-    out = {}
-    for label, (name, hp, opt) in cases.items():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _build(name, hp, None if name == "entropysgd" else 1, opt)
-        out[label] = [str(w.message) for w in caught
-                      if "steps_per_epoch=" in str(w.message) or "stability bound" in str(w.message)]
-    return out
+def _foot_gun_warnings(name: str, hp: dict, opt: dict, num_replicas: int = 2) -> list[str]:
+    """What build warns about ``name`` with ``hp`` and an SGD optimizer ``opt`` (no process group needed)."""
+    optimizer = torch.optim.SGD(make_model().parameters(), **opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_foot_guns(name, dataclasses.asdict(make_config(name, hp)), optimizer, num_replicas)
+    return [str(w.message) for w in caught]
 
 
 def _recipe_cases() -> dict:
@@ -258,7 +259,7 @@ def _recipe_cases() -> dict:
     return cases
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
 def test_foot_gun_warnings_fire_and_the_recipe_defaults_stay_quiet():
     sgd = dict(lr=0.1, momentum=0.9, nesterov=True)
     heavy_ball = dict(lr=0.1, momentum=0.9)
@@ -272,7 +273,9 @@ def test_foot_gun_warnings_fire_and_the_recipe_defaults_stay_quiet():
         "easgd-unscoped": ("easgd", {"rho": 14.0, "rho_max": 14.0, "scoping": False}, sgd),
     }
     recipe = _recipe_cases()
-    got = run_ranks(_warnings_at_build, 2, {**cases, **recipe}, timeout=80)[0]
+    # two ranks, one replica each (entropysgd: one replica of both)
+    got = {label: _foot_gun_warnings(name, hp, opt, 1 if name == "entropysgd" else 2)
+           for label, (name, hp, opt) in {**cases, **recipe}.items()}
     assert "steps_per_epoch=2 < L=3" in got["parle-short-epoch"][0]
     assert "steps_per_epoch=4 < L=5" in got["entropysgd-short-epoch"][0]
     assert "lr * rho_max = 0.1 * 14 = 1.4 exceeds 1.36" in got["parle-strong-pull"][0]
