@@ -176,12 +176,17 @@ def _add_hparam_flags(parser: argparse.ArgumentParser) -> None:
                                help=_hparam_help(uses))
 
 
-_QUIET_RANK_DELAY_S = 3.0
+QUIET_RANK_DELAY_S = 3.0  # how long a rank other than 0 waits before leaving on a usage error
 
 
 def _is_first_rank() -> bool:
     # Under torchrun every rank parses the same command line: one copy of help or an error is enough.
     return os.environ.get("RANK", "0") == "0"
+
+
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option ``parser`` takes, with its flags and help (argparse keeps them private)."""
+    return list(parser._actions)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -195,11 +200,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         if not _is_first_rank():
             # torchrun stops every rank once one exits: let rank 0 say what is wrong first
-            time.sleep(_QUIET_RANK_DELAY_S)
+            time.sleep(QUIET_RANK_DELAY_S)
             self.exit(EXIT_USAGE)
         hint = ""
         if message.startswith("unrecognized arguments:"):
-            flags = [s for a in self._actions for s in a.option_strings]
+            flags = [s for a in options(self) for s in a.option_strings]
             guesses = [m[0] for w in message.split(":", 1)[1].split()
                        if w.startswith("--") and (m := difflib.get_close_matches(w.split("=")[0], flags, n=1))]
             hint = f" (did you mean {' '.join(guesses)}?)" if guesses else ""

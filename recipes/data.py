@@ -18,7 +18,6 @@ out of data would miss a collective and the others would hang.
 from __future__ import annotations
 
 import os
-import pickle
 import urllib.error
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -71,7 +70,9 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6)
 
 
-def _make(name: str, tx, ty, vx, vy, num_classes: int, augment: bool, note: str) -> Dataset:
+def make_dataset(name: str, tx, ty, vx, vy, num_classes: int, augment: bool, note: str) -> Dataset:
+    """A :class:`Dataset` from train and validation images and labels (arrays or tensors);
+    the normalization is the training images' per-channel mean and std."""
     tx, vx = torch.as_tensor(tx), torch.as_tensor(vx)
     mean, std = _channel_stats(tx)
     return Dataset(name=name, train_x=tx, train_y=torch.as_tensor(ty, dtype=torch.long), val_x=vx,
@@ -124,7 +125,7 @@ def load_cifar(name: Literal["cifar10", "cifar100"], data_dir: str, download: bo
     note = f"{name}: {len(tx)} train / {len(vx)} val images from {data_dir}"
     if not verify:
         note += " (md5 check skipped: --no-verify)"
-    return _make(name, tx, tr.targets, vx, te.targets, 10 if name == "cifar10" else 100,
+    return make_dataset(name, tx, tr.targets, vx, te.targets, 10 if name == "cifar10" else 100,
                  augment=True, note=note)
 
 
@@ -154,7 +155,7 @@ def load_mnist(data_dir: str, download: bool) -> Dataset:
                                                                     download=download))
 
     tr, te = build(True), build(False)
-    return _make("mnist", tr.data.unsqueeze(1), tr.targets, te.data.unsqueeze(1), te.targets, 10,
+    return make_dataset("mnist", tr.data.unsqueeze(1), tr.targets, te.data.unsqueeze(1), te.targets, 10,
                  augment=False, note=f"mnist: {len(tr.data)} train / {len(te.data)} val images")
 
 
@@ -171,7 +172,7 @@ def load_digits(val_fraction: float = 0.2, size: int = 28, seed: int = 0) -> Dat
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(x)))
     val, tr = perm[:n_val], perm[n_val:]
-    return _make("digits", x[tr], y[tr], x[val], y[val], 10, augment=False,
+    return make_dataset("digits", x[tr], y[tr], x[val], y[val], 10, augment=False,
                  note=f"digits: {len(tr)} train / {len(val)} val images, 8x8 upsampled to {size}x{size}")
 
 
@@ -208,34 +209,8 @@ def load_synthetic(shape: tuple[int, int, int], num_classes: int = 10, n_train: 
     templates = torch.randn(num_classes, *shape, generator=g)
     y = torch.randint(0, num_classes, (n_train + n_val,), generator=g)
     x = templates[y] + 2.0 * torch.randn(n_train + n_val, *shape, generator=g)
-    return _make("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes,
+    return make_dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes,
                  augment=False, note=f"synthetic: {n_train} train / {n_val} val random {shape} images")
-
-
-def write_cifar10_folder(root: str, images_per_batch: int = 10, seed: int = 0) -> str:
-    """Write a tiny CIFAR-10 folder in torchvision's on-disk format (pickled batches).
-
-    For offline tests and demos; pass ``--data-dir root --no-verify`` to read it.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder, exist_ok=True)
-
-    def batch(fname: str) -> None:
-        data = rng.integers(0, 256, size=(images_per_batch, 3 * 32 * 32), dtype=np.uint8)
-        labels = [int(i % 10) for i in range(images_per_batch)]
-        with open(os.path.join(folder, fname), "wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": fname}, f)
-
-    for i in range(1, 6):
-        batch(f"data_batch_{i}")
-    batch("test_batch")
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": images_per_batch}, f)
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------

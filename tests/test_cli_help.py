@@ -75,7 +75,7 @@ def test_training_flags_show_real_defaults(help_text):
         assert re.search(rf"^  {re.escape(algo)}\s+\S", help_text, re.MULTILINE), algo
     assert "docs/README.md" in help_text
     # every flag says something
-    for action in cli.build_parser(MNIST)._actions:
+    for action in cli.options(cli.build_parser(MNIST)):
         assert action.help, action.option_strings
 
 
@@ -143,7 +143,7 @@ def test_every_run_gets_a_fresh_logdir_and_a_resume_keeps_its_own(tmp_path, monk
 @pytest.mark.parametrize("nproc,expected", [("2", "1"), ("1", None)])
 def test_launch_sets_the_thread_count_itself(monkeypatch, nproc, expected):
     """torchrun prints a banner when it sets OMP_NUM_THREADS; the launcher sets it first."""
-    for name in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # restored afterwards
+    for name in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "LAUNCH_AGENT_PID", "GLOO_SOCKET_IFNAME"):  # restored afterwards
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     monkeypatch.setattr(launch_cli.torchrun, "run", lambda args: None)
@@ -155,7 +155,7 @@ def test_launch_sets_the_thread_count_itself(monkeypatch, nproc, expected):
 
 
 def test_under_torchrun_only_rank_0_prints_help_and_errors(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_QUIET_RANK_DELAY_S", 0.0)
+    monkeypatch.setattr(cli, "QUIET_RANK_DELAY_S", 0.0)
     for rank, speaks in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
         for argv in (["--help"], ["--datset", "digits"]):

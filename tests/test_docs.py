@@ -141,7 +141,7 @@ def test_recipes_page_mentions_every_flag():
     page = (DOCS / "recipes.md").read_text()
     algo_flags = {f"--{no}{n.replace('_', '-')}" for n in cli.hparam_fields() for no in ("", "no-")}
     for recipe in (MNIST, CIFAR):
-        for action in cli.build_parser(recipe)._actions:
+        for action in cli.options(cli.build_parser(recipe)):
             for flag in action.option_strings:
                 if flag.startswith("--") and flag not in algo_flags | {"--help"}:
                     assert flag in page, flag

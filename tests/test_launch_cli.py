@@ -93,12 +93,15 @@ def test_only_final_exit_codes_stop_the_restarts() -> None:
 
 @pytest.mark.timeout(30)
 def test_worker_environment_keeps_user_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
-    monkeypatch.delenv("LAUNCH_AGENT_PID", raising=False)  # set below; restored (absent) after
-    cli._set_worker_environment()
+    # run() sets these in this process for the agent: each restored (absent) afterwards
+    for name in ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "LAUNCH_AGENT_PID", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cli.torchrun, "run", lambda args: None)  # no agent, no workers
+    cli.run(cli.parse_args(["--nproc-per-node", "1", "-m", "json.tool"]))
     assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
-    cli._set_worker_environment()
+    cli.run(cli.parse_args(["--nproc-per-node", "1", "-m", "json.tool"]))
     assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
 
 

@@ -20,6 +20,7 @@ import commhooks
 from recipes import cli, data, models, report
 from recipes.cifar import RECIPE as CIFAR
 from recipes.mnist import RECIPE as MNIST
+from fixtures import write_cifar10_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"algo", "world_size", "replica_size", "epochs", "steps", "val_acc", "val_loss",
@@ -56,7 +57,7 @@ def _tags(logdir: Path) -> set[str]:
 
 def test_every_hparam_is_a_flag():
     parser = cli.build_parser(MNIST)
-    flags = {s for a in parser._actions for s in a.option_strings}
+    flags = {s for a in cli.options(parser) for s in a.option_strings}
     for algo in commhooks.ALGORITHMS:
         for f in __import__("dataclasses").fields(commhooks.config_class(algo)):
             if f.name != "seed":  # the recipes' --seed is also the algorithms' seed
@@ -113,7 +114,7 @@ def test_recipe_defaults_are_run_derived_and_adapt():
 
 def _toy(n: int = 103, augment: bool = False) -> data.Dataset:
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
-    return data._make("toy", x, torch.arange(n), x[:10], torch.arange(10), 10, augment, "")
+    return data.make_dataset("toy", x, torch.arange(n), x[:10], torch.arange(10), 10, augment, "")
 
 
 def _epoch(loader: data.TensorLoader) -> list[int]:
@@ -196,7 +197,7 @@ def test_digits_offline():
 
 
 def test_cifar_folder_in_torchvision_format(tmp_path):
-    data.write_cifar10_folder(str(tmp_path), images_per_batch=6)
+    write_cifar10_folder(str(tmp_path), images_per_batch=6)
     d = data.load_cifar("cifar10", str(tmp_path), download=False, verify=False)
     assert d.train_x.shape == (30, 3, 32, 32) and d.train_x.dtype == torch.uint8
     assert d.val_x.shape == (6, 3, 32, 32) and d.augment
@@ -264,7 +265,7 @@ def test_cifar_reads_torchvision_folder_and_resumes(tmp_path, capsys):
     a run interrupted after a checkpoint resumes to exactly the uninterrupted result."""
     from recipes.train import main
 
-    data.write_cifar10_folder(str(tmp_path / "data"), images_per_batch=8)
+    write_cifar10_folder(str(tmp_path / "data"), images_per_batch=8)
     base = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--no-verify",
             "--model", "allcnn", "--width", "0.125", "--batch-size", "8", "--epochs", "2",
             "--algo", "cpsgd", "--logdir", str(tmp_path / "tb")]
