@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +20,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import commhooks
 from commhooks.noise import step_seed
 
-OPT = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+OPT: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
+
+
+def _mean_of(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean, summed left to right from 0 as the rules are written (the same rounding)."""
+    items = list(tensors)
+    total: Any = sum(items)
+    mean: torch.Tensor = total / len(items)
+    return mean
 
 
 def make_model() -> nn.Module:
@@ -34,7 +44,8 @@ def batch(rank: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_of(model: nn.Module, rank: int, k: int) -> torch.Tensor:
     x, y = batch(rank, k)
-    return ((model(x) - y) ** 2).mean()
+    loss: torch.Tensor = ((model(x) - y) ** 2).mean()
+    return loss
 
 
 def make_ddp(model: nn.Module) -> DDP:
@@ -45,7 +56,8 @@ def make_ddp(model: nn.Module) -> DDP:
     differ from an uninterrupted one by an ulp. ``find_unused_parameters=True`` keeps the
     initial buckets (the reducer only rebuilds without it).
     """
-    return DDP(model, find_unused_parameters=True, **commhooks.ddp_buffer_sync_kwargs(False))
+    no_buffer_sync: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(False)
+    return DDP(model, find_unused_parameters=True, **no_buffer_sync)
 
 
 def flat(params) -> torch.Tensor:
@@ -102,7 +114,7 @@ class Simulation:
 
     def set_x(self, a: int, values: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for p, v in zip(self.models[a].parameters(), values):
+            for p, v in zip(self.models[a].parameters(), values, strict=True):
                 p.copy_(v)
 
     def grad(self, a: int, k: int, ranks: list[int] | None = None) -> list[torch.Tensor]:
@@ -113,30 +125,31 @@ class Simulation:
         for r in ranks:
             model.zero_grad()
             loss_of(model, r, k).backward()
-            for t, p in zip(total, model.parameters()):
+            for t, p in zip(total, model.parameters(), strict=True):
+                assert p.grad is not None
                 t += p.grad
         return [t / len(ranks) for t in total]
 
     def global_grad(self, k: int) -> list[torch.Tensor]:
         """Mean over all W ranks of the local gradients, each at its own replica's weights."""
         per = [self.grad(a, k) for a in range(self.n)]
-        return [sum(g[i] for g in per) / self.n for i in range(len(per[0]))]
+        return [_mean_of(g[i] for g in per) for i in range(len(per[0]))]
 
     def opt_step(self, a: int, point: list[torch.Tensor], grad: list[torch.Tensor]) -> None:
         """``x_a = OptStep(point, grad)`` with replica a's own optimizer state."""
         self.set_x(a, point)
-        for p, g in zip(self.models[a].parameters(), grad):
+        for p, g in zip(self.models[a].parameters(), grad, strict=True):
             p.grad = g.clone()
         self.opts[a].step()
 
     def mean_x(self) -> list[torch.Tensor]:
         xs = [self.x(a) for a in range(self.n)]
-        return [sum(x[i] for x in xs) / self.n for i in range(len(xs[0]))]
+        return [_mean_of(x[i] for x in xs) for i in range(len(xs[0]))]
 
     def average(self) -> float:
         """``x_a = mean_a(x_a)``; returns ``S = mean_a ||x̄ - x_a||^2``."""
         mean = self.mean_x()
-        s = sum(float(sum(((m - xi) ** 2).sum() for m, xi in zip(mean, self.x(a))))
+        s = sum(float(sum(((m - xi) ** 2).sum() for m, xi in zip(mean, self.x(a), strict=True)))
                 for a in range(self.n)) / self.n
         for a in range(self.n):
             self.set_x(a, mean)
@@ -177,7 +190,7 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
     anchors = [sim.x(a) for a in range(n)]
     zs = [sim.x(a) for a in range(n)]
     vs = [[torch.zeros_like(t) for t in anchors[0]] for _ in range(n)]
-    ref = None
+    ref: list[torch.Tensor] = []  # the reference average, set at its first refresh
 
     for k in range(steps):
         if schedule is not None:
@@ -192,7 +205,7 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
                     noise = torch.randn(sum(t.numel() for t in sim.x(a)), generator=gen, dtype=torch.float64)
                     sizes = [t.numel() for t in sim.x(a)]
                     sim.set_x(a, [xi + hp["noise_std"] * ni.view_as(xi)
-                                  for xi, ni in zip(sim.x(a), noise.split(sizes))])
+                                  for xi, ni in zip(sim.x(a), noise.split(sizes), strict=True)])
         elif name in ("cpsgd", "adpsgd"):
             w = hp.get("warmup_steps", 0)
             if k < w:
@@ -247,7 +260,7 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
             rho = scoped(hp.get("rho", 1.0), hp.get("rho_max", 10.0), k // period)
             for a in range(n):
                 xa = sim.x(a)
-                g = [gi + rho * (xi - ri) for gi, xi, ri in zip(sim.grad(a, k), xa, ref)]
+                g = [gi + rho * (xi - ri) for gi, xi, ri in zip(sim.grad(a, k), xa, ref, strict=True)]
                 sim.opt_step(a, xa, g)
         elif name in ("parle", "entropysgd"):
             L, alpha = hp.get("L", 25), hp.get("alpha", 0.75)
@@ -256,15 +269,15 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
             rho = scoped(hp.get("rho", 1.0), hp.get("rho_max", 10.0), s) if name == "parle" else 0.0
             for a in range(n):
                 y = sim.x(a)
-                g = [gi + gamma * (yi - xi) for gi, yi, xi in zip(sim.grad(a, k), y, anchors[a])]
+                g = [gi + gamma * (yi - xi) for gi, yi, xi in zip(sim.grad(a, k), y, anchors[a], strict=True)]
                 sim.opt_step(a, y, g)
-                zs[a] = [alpha * z + (1 - alpha) * yi for z, yi in zip(zs[a], sim.x(a))]
+                zs[a] = [alpha * z + (1 - alpha) * yi for z, yi in zip(zs[a], sim.x(a), strict=True)]
             if (k + 1) % L == 0:
                 ref = sim_mean(anchors)
                 for a in range(n):
-                    d = [(x - z) + rho * (x - r) for x, z, r in zip(anchors[a], zs[a], ref)]
-                    vs[a] = [sim.mu * v + di for v, di in zip(vs[a], d)]
-                    anchors[a] = [x - sim.lr * (di + sim.mu * v) for x, di, v in zip(anchors[a], d, vs[a])]
+                    d = [(x - z) + rho * (x - r) for x, z, r in zip(anchors[a], zs[a], ref, strict=True)]
+                    vs[a] = [sim.mu * v + di for v, di in zip(vs[a], d, strict=True)]
+                    anchors[a] = [x - sim.lr * (di + sim.mu * v) for x, di, v in zip(anchors[a], d, vs[a], strict=True)]
                     sim.set_x(a, anchors[a])
                     zs[a] = [x.clone() for x in anchors[a]]
         else:
@@ -273,7 +286,7 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
 
 
 def sim_mean(xs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    return [sum(x[i] for x in xs) / len(xs) for i in range(len(xs[0]))]
+    return [_mean_of(x[i] for x in xs) for i in range(len(xs[0]))]
 
 
 def assert_matches(results: list[dict], sim: Simulation, tol: float = 1e-9) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,7 @@ def test_cluster_removes_everything_on_a_signal(netns_ok: None, sig: signal.Sign
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         try:
             prefix = proc.stdout.readline().strip()
             assert prefix.startswith("chts"), proc.stderr.read()
@@ -95,7 +97,7 @@ def test_cluster_removes_everything_on_a_signal(netns_ok: None, sig: signal.Sign
 # benchmarks.cluster: summaries (no namespaces needed) and the smoke run
 
 
-def _run(label: str, train_s: float, reach: float | None, rnd: int = 0, **kw: object):
+def _run(label: str, train_s: float, reach: float | None, rnd: int = 0, **kw: Any):
     from benchmarks.cluster import RunResult
 
     evals = [{"step": 1, "epoch": 1.0, "seconds": train_s / 2, "val_acc": 0.5},

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from reference import make_ddp, make_model, train
+from spawn import run_ranks
 from torch import nn
 
 import commhooks
-from reference import make_ddp, make_model, train
-from spawn import run_ranks
 
 
 def _bn_model():
@@ -42,7 +42,7 @@ def test_float_buffers_averaged_integer_buffers_maxed(replica_size):
 
 @pytest.mark.timeout(60)
 def test_local_buffers_never_communicated():
-    for rank, (mean, var, count) in enumerate(run_ranks(_buffers_at_sync, 4, buffers="local", replica_size=1)):
+    for rank, (mean, _var, count) in enumerate(run_ranks(_buffers_at_sync, 4, buffers="local", replica_size=1)):
         assert torch.equal(mean, torch.full((3,), float(rank), dtype=torch.float64))
         assert count == rank
 
@@ -59,7 +59,7 @@ def _consensus(rank, world, name, hp):
         assert inside is model
         averaged = [p.detach().clone() for p in model.parameters()]
     restored = [p.detach().clone() for p in model.parameters()]
-    return averaged, all(torch.equal(a, b) for a, b in zip(local, restored))
+    return averaged, all(torch.equal(a, b) for a, b in zip(local, restored, strict=True))
 
 
 @pytest.mark.timeout(60)
@@ -76,7 +76,9 @@ def _parle_consensus(rank, world):
     model = make_model()
     ddp = make_ddp(model)
     algo = commhooks.build("parle", ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), L=5, steps_per_epoch=4)
-    anchors = algo.components[-1].anchor
+    inner_loop = algo.components[-1]
+    assert isinstance(inner_loop, commhooks.ProximalInnerLoop)
+    anchors = inner_loop.anchor
     with torch.no_grad():
         for seg in anchors:
             seg.fill_(float(rank))

@@ -6,20 +6,21 @@ ranks.
 """
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
+from reference import OPT, make_ddp, make_model
+from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from commhooks.config import make_config
-from reference import OPT, make_ddp, make_model
-from spawn import run_ranks
 
 WORLD = 2
 # (case id, algorithm, replica_size, hparams, the argument the message must name)
-BAD = [
+BAD: list[tuple[str, str, int, dict[str, Any], str]] = [
     ("period<1", "cpsgd", 1, {"period": 0}, "period"),
     ("warmup<0", "cpsgd", 1, {"period": 2, "warmup_steps": -1}, "warmup_steps"),
     ("adpsgd-warmup<0", "adpsgd", 1, {"sample_steps": 4, "warmup_steps": -2}, "warmup_steps"),
@@ -64,12 +65,12 @@ def test_the_library_defaults_are_valid():
 def test_a_model_that_is_not_ddp_is_refused_before_any_collective():
     plain = make_model()
     with pytest.raises(ValueError, match="model must be a torch.nn.parallel.DistributedDataParallel"):
-        commhooks.build("ssgd", plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+        commhooks.build("ssgd", plain, torch.optim.SGD(plain.parameters(), lr=0.1))  # type: ignore[arg-type]
 
 
 def _through_build(rank, world):
     """The messages build raises on real ranks: a sample of BAD, and an optimizer over other parameters."""
-    messages = {}
+    messages: dict[str, str | None] = {}
     for case, name, replica_size, hp, _ in BAD:
         if case not in THROUGH_BUILD:
             continue

@@ -33,7 +33,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def help_text() -> str:
     r = _run("--help")
     assert r.returncode == 0, r.stderr
-    return r.stdout
+    text: str = r.stdout
+    return text
 
 
 def _entry(help_text: str, flag: str) -> str:
@@ -137,7 +138,7 @@ def test_every_run_gets_a_fresh_logdir_and_a_resume_keeps_its_own(tmp_path, monk
     mine.mkdir()
     (mine / "events.out.tfevents.1.host").write_bytes(b"")
     logdir, warn = cli.run_logdir(_args(tmp_path, "--logdir", str(mine)), "mnist", resuming=False)
-    assert logdir == str(mine) and "already holds another run" in warn
+    assert logdir == str(mine) and warn is not None and "already holds another run" in warn
 
 
 @pytest.mark.parametrize("nproc,expected", [("2", "1"), ("1", None)])

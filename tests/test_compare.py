@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from spawn import run_ranks
 
 from benchmarks import compare
 from recipes import report
-from spawn import run_ranks
 
 
 def _scalars(logdir: Path) -> dict[str, list]:
@@ -84,7 +84,7 @@ def test_compare_three_digits_runs_writes_a_png_and_a_table(tmp_path):
     assert width > 1000 and height > 400  # two panels side by side
     rows = [r for r in md.read_text().splitlines() if r.startswith("| digits-")]
     assert len(rows) == 3
-    for row, (algo, (logdir, results)) in zip(rows, runs.items()):
+    for row, (logdir, results) in zip(rows, runs.values(), strict=True):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == logdir.name
         assert float(cells[1]) == pytest.approx(results["val_acc"], abs=5e-5)

@@ -7,16 +7,17 @@ import math
 import time
 import warnings
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
+from reference import OPT, loss_of, make_model
+from spawn import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from commhooks.config import make_config
 from commhooks.guards import warn_foot_guns
-from reference import OPT, loss_of, make_model
-from spawn import run_ranks
 
 # The collective timeout given to build: an error that comes much sooner was not a timeout.
 TIMEOUT_S = 60.0
@@ -29,7 +30,8 @@ REMEDY = "Every rank must call algo.step() the same number of times"
 def _build(name, hp, replica_size=1, opt=OPT, find_unused=False, **flags):
     model = make_model()
     # find_unused_parameters=True makes DDP all-reduce a map of used parameters in every backward.
-    ddp = DDP(model, find_unused_parameters=find_unused, **commhooks.ddp_buffer_sync_kwargs(False))
+    no_buffer_sync: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(False)
+    ddp = DDP(model, find_unused_parameters=find_unused, **no_buffer_sync)
     optimizer = torch.optim.SGD(ddp.parameters(), **opt)
     algo = commhooks.build(name, ddp, optimizer, replica_size, timeout=timedelta(seconds=TIMEOUT_S),
                            **flags, **hp)
@@ -159,7 +161,7 @@ def test_the_check_costs_40_bytes_a_time_and_changes_nothing(name, hp, find_unus
     on = run_ranks(_train_and_count, 3, name, hp, steps=STEPS, check_steps=True, find_unused=find_unused)
     off = run_ranks(_train_and_count, 3, name, hp, steps=STEPS, check_steps=False, find_unused=find_unused)
     syncs = {"cpsgd": STEPS // 3, "dpsgd": STEPS, "parle": STEPS // PARLE["L"]}[name]
-    for a, b in zip(on, off):
+    for a, b in zip(on, off, strict=True):
         assert torch.equal(a["params"], b["params"])
         assert a["stats"]["comm_bytes"] == b["stats"]["comm_bytes"]  # not the algorithm's traffic
         assert a["stats"]["syncs"] == b["stats"]["syncs"] == syncs
@@ -251,7 +253,7 @@ def _recipe_cases() -> dict:
     cases = {}
     for recipe in (mnist.RECIPE, cifar.RECIPE):
         for dataset, d in recipe.datasets.items():
-            opt = dict(lr=d.lr, momentum=d.momentum, nesterov=True, weight_decay=d.weight_decay)
+            opt = {"lr": d.lr, "momentum": d.momentum, "nesterov": True, "weight_decay": d.weight_decay}
             for algo in ("easgd", "parle", "entropysgd"):
                 for B in (3, 40, 400):
                     hp, _ = algo_defaults(algo, steps_per_epoch=B, total_steps=5 * B, seed=0)
@@ -261,8 +263,8 @@ def _recipe_cases() -> dict:
 
 @pytest.mark.timeout(60)
 def test_foot_gun_warnings_fire_and_the_recipe_defaults_stay_quiet():
-    sgd = dict(lr=0.1, momentum=0.9, nesterov=True)
-    heavy_ball = dict(lr=0.1, momentum=0.9)
+    sgd = {"lr": 0.1, "momentum": 0.9, "nesterov": True}
+    heavy_ball = {"lr": 0.1, "momentum": 0.9}
     cases = {
         "parle-short-epoch": ("parle", dict(PARLE, steps_per_epoch=2), sgd),
         "entropysgd-short-epoch": ("entropysgd", {"L": 5, "steps_per_epoch": 4}, sgd),

@@ -4,6 +4,7 @@ Every test runs 2 gloo ranks; each spawn runs several short trainings so the fil
 """
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR
 import commhooks
 
 WORLD, STEPS = 2, 8
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "ssgd": {},
     "ssgd-noise": {"noise_std": 0.01, "seed": 3},
     "cpsgd": {"period": 2, "warmup_steps": 1},
@@ -129,7 +130,7 @@ def _bare_steps(rank, world):
         except RuntimeError as e:
             errors.append(str(e))
     untouched = torch.equal(before, flat(model.parameters())) and all(
-        torch.equal(m, inner.state[p]["momentum_buffer"]) for m, p in zip(momentum_before, ddp.parameters()))
+        torch.equal(m, inner.state[p]["momentum_buffer"]) for m, p in zip(momentum_before, ddp.parameters(), strict=True))
     k_after_refusals = algo.k
     algo.bare_step_guard.remove()
     inner.step()  # allowed on purpose now
@@ -303,7 +304,7 @@ def _clipped_run(name, rank, steps, max_norm, mode, coefs):
 def _clipping(rank, world, *, steps, max_norm):
     out = {}
     for name in ("easgd", "parle"):
-        coefs = []
+        coefs: list[float] = []
         clipped, seen_a = _clipped_run(name, rank, steps, max_norm, "before-step", coefs)
         scaled, _ = _clipped_run(name, rank, steps, max_norm, "scaled-loss", coefs)
         total, seen_c = _clipped_run(name, rank, steps, max_norm, "pre-hook", coefs)

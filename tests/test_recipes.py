@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_cifar10_folder
 
 import commhooks
 from recipes import cli, data, models, report
 from recipes.cifar import RECIPE as CIFAR
 from recipes.mnist import RECIPE as MNIST
-from fixtures import write_cifar10_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"algo", "world_size", "replica_size", "epochs", "steps", "val_acc", "val_loss",
@@ -147,17 +147,19 @@ def test_loader_resume_replays_the_rest_of_the_epoch():
     ds = _toy(augment=True)
     a = data.TensorLoader(ds, batch_size=4, rank=1, world_size=2, seed=5)
     it = iter(a)
-    for _ in range(3):
-        next(it)
+    head = [next(it) for _ in range(3)]
     sd = a.state_dict()
     rest = [(x.clone(), y.clone()) for x, y in it]
     b = data.TensorLoader(ds, batch_size=4, rank=1, world_size=2, seed=5)
     b.load_state_dict(sd)
     again = list(b)
     assert len(again) == len(rest) == len(a) - 3
-    for (x1, y1), (x2, y2) in zip(rest, again):
+    for (x1, y1), (x2, y2) in zip(rest, again, strict=True):
         assert torch.equal(y1, y2) and torch.equal(x1, x2)
-    assert a.epoch == b.epoch == 1 and _epoch(a) != rest  # next epoch, new order
+    assert a.epoch == b.epoch == 1
+    first = [int(i) for _, y in head + rest for i in y]  # the labels are the examples' indices
+    following = _epoch(a)
+    assert len(following) == len(first) and following != first  # next epoch, new order
 
 
 def test_augment_is_crop_and_flip():
@@ -272,10 +274,11 @@ def test_cifar_reads_torchvision_folder_and_resumes(tmp_path, capsys):
     straight = main(CIFAR, base)
     ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "3"]
     first = main(CIFAR, base + ck + ["--max-steps", "7"])
-    assert first["steps"] == 7
+    assert straight is not None and first is not None and first["steps"] == 7
     capsys.readouterr()
     second = main(CIFAR, base + ck + ["--results", str(tmp_path / "b.json")])
     assert "resumed at step 7" in capsys.readouterr().out  # the end of a run is saved too
+    assert second is not None
     assert straight["steps"] == second["steps"] == 10
     assert straight["val_loss"] == second["val_loss"]  # bit-identical continuation
     assert json.loads((tmp_path / "b.json").read_text())["val_loss"] == second["val_loss"]

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from reference import OPT, train
+from reference import train
 from spawn import run_ranks
 
 STEPS, SAVE_AT = 12, 5
@@ -26,7 +25,7 @@ def test_resume_is_exact(name):
     full = run_ranks(train, 4, name, CASES[name], steps=STEPS, replica_size=replica_size, save_at=SAVE_AT)
     states = [r["saved"] for r in full]
     resumed = run_ranks(_resume, 4, name, CASES[name], replica_size=replica_size, states=states)
-    for f, r in zip(full, resumed):
+    for f, r in zip(full, resumed, strict=True):
         assert torch.equal(f["params"], r["params"])
         assert f["stats"]["syncs"] == r["stats"]["syncs"]
         assert f["stats"]["comm_bytes"] == r["stats"]["comm_bytes"]

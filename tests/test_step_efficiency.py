@@ -1,19 +1,20 @@
 """The cost of a step: exchange order, honest consensus figures, memory held and allocated."""
 
 import math
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from reference import assert_matches, make_ddp, simulate, train
+from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from benchmarks.common import AllocationRecorder, held_bytes, model_bytes
 from commhooks.averaging import ConsensusProbe
-from reference import assert_matches, make_ddp, simulate, train
-from spawn import run_ranks
 
 STEPS = 12
 
@@ -60,7 +61,7 @@ def test_gossip_consensus_distance_is_measured_apart_and_never_a_false_zero():
     mean = sum(sim.flat_params(a) for a in range(4)) / 4
     expected = sum(float(((mean - sim.flat_params(a)) ** 2).sum()) for a in range(4)) / 4
     n_params = quiet[0]["params"].numel()
-    for q, m in zip(quiet, loud):
+    for q, m in zip(quiet, loud, strict=True):
         assert torch.equal(q["params"], m["params"])  # measuring does not touch training
         assert math.isnan(q["stats"]["consensus_distance"]) and q["stats"]["measure_bytes"] == 0
         assert q["stats"]["comm_bytes"] == m["stats"]["comm_bytes"]  # the algorithm's bytes alone
@@ -73,7 +74,8 @@ def test_gossip_consensus_distance_is_measured_apart_and_never_a_false_zero():
 def _probe_estimates(rank, world, *, draws, sample_size):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 1))  # 20,401 parameters
-    ddp = DDP(model, **commhooks.ddp_buffer_sync_kwargs(False))
+    no_buffer_sync: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(False)
+    ddp = DDP(model, **no_buffer_sync)
     algo = commhooks.build("cpsgd", ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), period=10**6)
     with torch.no_grad():  # replica a: shared weights + a's own perturbation of known size
         gen = torch.Generator().manual_seed(100 + rank)
@@ -107,7 +109,7 @@ def test_sampled_consensus_estimate_is_unbiased_and_kilobytes():
 # bytes): a copy for the exchange/reference/noise, Parle's anchor, running average and momentum
 # (3 S) plus the anchors' average in flight during the inner steps. Small fixed buffers (the
 # chunk scratch of 256 KiB, the consensus probe's 115 KB) come on top.
-HELD = [
+HELD: list[tuple[str, dict[str, Any], int]] = [
     ("ssgd", {}, 0),
     ("ssgd-noise", {"noise_std": 0.01}, 1),
     ("cpsgd", {"period": 4, "log_every": 5}, 0),
@@ -144,7 +146,7 @@ def _memory(rank, world):
 @pytest.mark.timeout(120)
 def test_memory_held_is_the_algorithms_state_and_no_step_allocates_a_model():
     for rank_result in run_ranks(_memory, 4):
-        for (name, hp, expected), (held, largest, per_step) in zip(HELD, rank_result):
+        for (name, hp, expected), (held, largest, per_step) in zip(HELD, rank_result, strict=True):
             label = f"{name} {hp}"
             assert expected <= held < expected + 0.1, f"{label}: holds {held:.3f} S, needs {expected} S"
             assert largest < 0.01 and per_step < 0.01, f"{label}: allocates {largest:.3f} S at once, {per_step:.3f} S per step"
@@ -172,6 +174,7 @@ def _buffers_after_refresh(rank, world, name, hp):
     algo = commhooks.build(name, ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), **hp)
     ddp(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
     bn = model[1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.running_mean is not None and bn.num_batches_tracked is not None
     with torch.no_grad():  # each rank's statistics after its forward: its rank
         bn.running_mean.fill_(rank)
         bn.num_batches_tracked.fill_(rank)
@@ -193,7 +196,9 @@ def _noise_drawn_in_line(rank, world, hp, *, steps):
     ddp = make_ddp(model)
     opt = torch.optim.SGD(ddp.parameters(), **OPT)
     algo = commhooks.build("ssgd-noise", ddp, opt, **hp)
-    algo.components[-1].prefetch = False  # as on an accelerator: drawn inside step()
+    noise = algo.components[-1]
+    assert isinstance(noise, commhooks.IsotropicNoise)
+    noise.prefetch = False  # as on an accelerator: drawn inside step()
     for k in range(steps):
         opt.zero_grad()
         loss_of(ddp, rank, k).backward()
@@ -206,5 +211,5 @@ def test_noise_drawn_in_the_background_or_in_line_is_the_same():
     hp = {"noise_std": 0.01, "seed": 4}
     background = run_ranks(train, 2, "ssgd-noise", hp, steps=5, replica_size=1)
     in_line = run_ranks(_noise_drawn_in_line, 2, hp, steps=5)
-    for b, i in zip(background, in_line):
+    for b, i in zip(background, in_line, strict=True):
         assert torch.equal(b["params"], i)

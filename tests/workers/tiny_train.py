@@ -13,10 +13,10 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,6 +26,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 import launch.checkpoint as ckpt_mod
 from launch.checkpoint import Checkpointer
 from launch.runtime import init_distributed, shutdown
+
+if TYPE_CHECKING:
+    import commhooks
 
 
 class PlainDDP:
@@ -83,7 +86,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1234)  # the data set is the same on every rank and run
     x = torch.randn(args.samples, 6, generator=g, dtype=torch.float64)
     y = torch.sin(x.sum(dim=1, keepdim=True))
-    sampler = DistributedSampler(TensorDataset(x, y), seed=args.seed, drop_last=True)
+    sampler: DistributedSampler = DistributedSampler(TensorDataset(x, y), seed=args.seed, drop_last=True)
     # A loader generator keeps the loader's per-epoch seed draw off the global torch RNG, which
     # the training below uses (input noise) and a resume restores.
     loader = StatefulDataLoader(
@@ -100,10 +103,11 @@ def main() -> None:
     resume = ckpt.latest()
     if resume is not None:
         resume.load_model(ddp.module)
+    algo: PlainDDP | commhooks.Algorithm
     if args.algo == "ddp":
         algo = PlainDDP(optimizer)
     else:
-        import commhooks
+        import commhooks  # here: --algo ddp runs without it
 
         algo = commhooks.build(args.algo, ddp, optimizer, timeout=timedelta(seconds=args.timeout),
                                **json.loads(args.hparams))
@@ -164,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
