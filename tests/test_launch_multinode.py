@@ -17,17 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launch_restart import (
-    EVERY,
-    HPARAMS,
-    REPO,
-    STEPS,
-    WORKER,
-    _check_buildable,
-    assert_same_weights,
-    reference,
-    weights,
-)
+from test_launch_restart import EVERY, HPARAMS, REPO, STEPS, WORKER, assert_same_weights, reference, weights
 
 from benchmarks.netns import Cluster, why_unavailable
 
@@ -63,7 +53,6 @@ def test_two_nodes_kill_a_worker_and_finish(
     if why is not None:
         pytest.skip(why)
     name = "cpsgd"
-    _check_buildable(name)
     with Cluster(2, prefix="chtm") as net:  # kills the agents' sessions, then removes everything
         logs = [tmp_path / "node_a.log", tmp_path / "node_b.log"]
         agents = [_agent(net, i, tmp_path, name, logs[i]) for i in range(2)]

@@ -21,17 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launch_restart import (
-    EVERY,
-    HPARAMS,
-    REPO,
-    STEPS,
-    WORKER,
-    _check_buildable,
-    assert_same_weights,
-    reference,
-    weights,
-)
+from test_launch_restart import EVERY, HPARAMS, REPO, STEPS, WORKER, assert_same_weights, reference, weights
 
 from benchmarks.netns import Cluster, why_unavailable
 
@@ -79,7 +69,6 @@ def two_nodes():
     why = why_unavailable()
     if why is not None:
         pytest.skip(why)
-    _check_buildable(NAME)
     with Cluster(2, prefix="chpt") as net:  # kills the agents' sessions, then removes everything
         yield net
 

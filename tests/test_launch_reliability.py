@@ -27,15 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from launcher import run_launcher
-from test_launch_restart import (
-    HPARAMS,
-    REPO,
-    _check_buildable,
-    assert_same_weights,
-    launch,
-    reference,
-    weights,
-)
+from test_launch_restart import HPARAMS, REPO, assert_same_weights, launch, reference, weights
 
 from launch.checkpoint import MARKER, Checkpointer, NonFiniteError
 from launch.finite import named_tensors, nonfinite
@@ -242,7 +234,6 @@ class _RunsCode:
 @pytest.fixture
 def uninterrupted_cpsgd(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Final weights of 20 uninterrupted cpsgd steps on 2 ranks (shared with the restart tests)."""
-    _check_buildable("cpsgd")
     return reference(tmp_path_factory, "cpsgd")
 
 
