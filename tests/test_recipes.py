@@ -7,6 +7,7 @@ test writes in torchvision's on-disk format.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -59,7 +60,7 @@ def test_every_hparam_is_a_flag():
     parser = cli.build_parser(MNIST)
     flags = {s for a in cli.options(parser) for s in a.option_strings}
     for algo in commhooks.ALGORITHMS:
-        for f in __import__("dataclasses").fields(commhooks.config_class(algo)):
+        for f in dataclasses.fields(commhooks.config_class(algo)):
             if f.name != "seed":  # the recipes' --seed is also the algorithms' seed
                 assert "--" + f.name.replace("_", "-") in flags, (algo, f.name)
     assert {"--noise-std", "--L", "--p-max", "--scoping", "--no-scoping", "--grad-compression"} <= flags
@@ -106,6 +107,27 @@ def test_recipe_defaults_are_run_derived_and_adapt():
     args = cli.parse_args(MNIST, ["--dataset", "digits", "--algo", "adpsgd", "--warmup-steps", "3"])
     passed, _, notes = cli.resolve_hparams(args, steps_per_epoch=100, total_steps=150)
     assert passed == {"warmup_steps": 3, "sample_steps": 37} and notes == {}
+
+
+def test_a_new_algorithm_gets_the_run_derived_values_by_field_name(monkeypatch):
+    """The rules go by config field, not by algorithm: a config with such fields gets them
+    without an edit in recipes/cli.py (ADPSGD's warm-up rule excepted: it is ADPSGD's own)."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class ToyConfig:
+        steps_per_epoch: int | None = None
+        log_every: int = 0
+        L: int = 40
+        warmup_steps: int = 0
+        seed: int = 0
+        rho: float = 1.0
+
+    library = commhooks.config_class
+    monkeypatch.setattr(commhooks, "config_class", lambda name: ToyConfig if name == "toy" else library(name))
+    d, notes = cli.algo_defaults("toy", steps_per_epoch=100, total_steps=1000, seed=7, log_interval=9)
+    assert d == {"steps_per_epoch": 100, "log_every": 9, "L": 5, "seed": 7}  # 100 < 4 x 40 steps: small-data L
+    assert list(notes) == ["L"] and notes["L"].startswith("L 40 -> 5: ")
+    assert cli.algo_defaults("toy", steps_per_epoch=200, total_steps=1000, seed=7)[0]["log_every"] == 20
 
 
 # ---------------------------------------------------------------------------------------------
