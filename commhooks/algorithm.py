@@ -135,6 +135,7 @@ class Algorithm:
             self.ctx.guard.before_backward(self.k)
 
     def _prepare(self) -> None:
+        self.ctx.grad_state.step = self.k
         for c in self.components:
             c.prepare(self.k)
 

@@ -197,7 +197,7 @@ def build(
     guard = ExchangeGuard(topo.guard_group, weights, exchanges=topo.num_replicas > 1 and name not in SYNCHRONOUS, steps=check_steps, finite=check_finite)
     ctx = Context(weights=weights, topo=topo, meter=meter, grad_state=grad_state, optimizer=optimizer, guard=guard)
     components = _components(name, cfg, ctx)
-    model.register_comm_hook(grad_state, make_grad_hook(cfg.grad_compression))
+    model.register_comm_hook(grad_state, make_grad_hook(cfg, model.module.parameters()))
     return Algorithm(
         name=name,
         model=model,

@@ -15,7 +15,7 @@ from typing import Any
 
 # The fixed sets of the choice fields (also in each field's metadata["choices"]).
 BUFFER_POLICIES: tuple[str, ...] = ("average", "local")
-GRAD_COMPRESSIONS: tuple[str | None, ...] = (None, "fp16", "bf16")
+GRAD_COMPRESSIONS: tuple[str | None, ...] = (None, "fp16", "bf16", "qsgd")
 TOPOLOGIES: tuple[str, ...] = ("random-pair", "ring", "all")
 
 
@@ -43,7 +43,9 @@ class CommonConfig:
     Args:
         buffers: ``"average"`` (floating buffers averaged with the weights, integer buffers
             max-reduced) or ``"local"`` (buffers never communicated).
-        grad_compression: ``None``, ``"fp16"`` or ``"bf16"``: the dtype gradients travel in.
+        grad_compression: ``None``, ``"fp16"`` or ``"bf16"``: the dtype gradients travel in;
+            ``"qsgd"``: QSGD's stochastic quantization (Alistarh et al., arXiv 1610.02132).
+        qsgd_bits, qsgd_bucket_size, qsgd_seed: QSGD's bits per level, bucket length and seed.
     """
 
     buffers: str = _hp(
@@ -51,18 +53,32 @@ class CommonConfig:
         help="buffers such as BatchNorm statistics: average = floating buffers averaged with the "
              "weights (integer ones take the max), local = never communicated")
     grad_compression: str | None = _hp(
-        None, choices=GRAD_COMPRESSIONS, valid='None, "fp16" or "bf16"',
-        help="dtype the gradients travel in (None: as computed, float32); halves gradient bytes, "
-             "the average is taken in that precision")
+        None, choices=GRAD_COMPRESSIONS, valid='None, "fp16", "bf16" or "qsgd"',
+        help="how the gradients travel: None = as computed (float32), fp16/bf16 = in that dtype (half "
+             "the bytes, averaged in that precision), qsgd = QSGD's unbiased stochastic quantization "
+             "(about (qsgd_bits + 1) / 8 bytes per coordinate, all-gathered and averaged)")
+    qsgd_bits: int = _hp(
+        8, valid="an integer in 1..8 (a level fits one byte)",
+        help="QSGD: bits per level, s = 2^bits - 1 levels of |g_i| / ||bucket||; the sign takes one more bit")
+    qsgd_bucket_size: int = _hp(
+        512, valid="an integer >= 1",
+        help="QSGD: coordinates per bucket, each sends its float32 norm (the variance bound grows with it)")
+    qsgd_seed: int = _hp(
+        0, valid="an integer",
+        help="QSGD: seed of the rounding draws (each rank's stream differs by rank, step and parameter)")
 
     def validate(self, world_size: int, replica_size: int) -> None:
         _check(self.buffers in BUFFER_POLICIES, "buffers", '"average" or "local"', self.buffers)
         _check(
             self.grad_compression in GRAD_COMPRESSIONS,
             "grad_compression",
-            'None, "fp16" or "bf16"',
+            'None, "fp16", "bf16" or "qsgd"',
             self.grad_compression,
         )
+        _check(_is_int(self.qsgd_bits) and 1 <= self.qsgd_bits <= 8, "qsgd_bits", "an integer in 1..8", self.qsgd_bits)
+        _check(_is_int(self.qsgd_bucket_size) and self.qsgd_bucket_size >= 1,
+               "qsgd_bucket_size", "an integer >= 1", self.qsgd_bucket_size)
+        _check(_is_int(self.qsgd_seed), "qsgd_seed", "an integer", self.qsgd_seed)
 
 
 @dataclass(kw_only=True)
