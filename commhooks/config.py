@@ -59,7 +59,7 @@ class CommonConfig:
              "(about (qsgd_bits + 1) / 8 bytes per coordinate, all-gathered and averaged)")
     qsgd_bits: int = _hp(
         8, valid="an integer in 1..8 (a level fits one byte)",
-        help="QSGD: bits per level, s = 2^bits - 1 levels of |g_i| / ||bucket||; the sign takes one more bit")
+        help="QSGD: bits per level, s = 2^bits - 1 levels of abs(g_i) / norm(bucket); the sign takes one more bit")
     qsgd_bucket_size: int = _hp(
         512, valid="an integer >= 1",
         help="QSGD: coordinates per bucket, each sends its float32 norm (the variance bound grows with it)")

@@ -97,7 +97,7 @@ def test_choices_are_available_and_still_validated():
     docs = {d.name: d for d in config.hparam_docs("dpsgd")}
     assert docs["topology"].choices == config.TOPOLOGIES == ("random-pair", "ring", "all")
     assert docs["buffers"].choices == config.BUFFER_POLICIES
-    assert docs["grad_compression"].choices == config.GRAD_COMPRESSIONS == (None, "fp16", "bf16")
+    assert docs["grad_compression"].choices == config.GRAD_COMPRESSIONS == (None, "fp16", "bf16", "qsgd")
     assert all(d.help and d.valid for a in commhooks.ALGORITHMS for d in config.hparam_docs(a))
     with pytest.raises(ValueError, match=r"topology must be one of \('random-pair', 'ring', 'all'\), got 'star'"):
         config.make_config("dpsgd", {"topology": "star"}).validate(2, 1)
