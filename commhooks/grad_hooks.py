@@ -16,6 +16,7 @@ from torch.distributed import ProcessGroup
 from .comm import CommMeter
 from .config import CommonConfig
 
+
 @dataclass(kw_only=True)
 class GradSyncState:
     """State of the gradient hook.

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
+from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -33,7 +35,6 @@ from commhooks.qsgd import (
     unpack_bits,
     variance_bound,
 )
-from spawn import run_ranks
 
 # ---------------------------------------------------------------------------------------------
 # The quantizer, in-process
@@ -226,7 +227,8 @@ def _train(rank: int, world: int, name: str, hp: dict, steps: int, replica_size:
     another bucket layout at its first step than the uninterrupted one did).
     """
     model = _model()
-    ddp = DDP(model, **commhooks.ddp_buffer_sync_kwargs(False))
+    no_buffer_sync: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(False)
+    ddp = DDP(model, **no_buffer_sync)
     if state is not None:  # after DDP's construction, which broadcasts rank 0's weights
         model.load_state_dict(state["model"])
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -338,7 +340,8 @@ def _digits(rank: int, world: int, epochs: int) -> dict:
 
     data = load_digits()
     out = {}
-    for label, hp in (("ssgd", {}), ("qsgd", {"grad_compression": "qsgd", "qsgd_bits": 8})):
+    runs: dict[str, dict[str, Any]] = {"ssgd": {}, "qsgd": {"grad_compression": "qsgd", "qsgd_bits": 8}}
+    for label, hp in runs.items():
         torch.manual_seed(0)
         model = build_model("lenet", data.in_channels, data.num_classes)
         ddp = DDP(model)
