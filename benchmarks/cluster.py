@@ -378,7 +378,7 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path) -> str | None:
         return "no PNG: matplotlib is not installed (pip install 'commhooks[bench]')"
     panels = sorted({(r["nodes"], r["rate_mbit"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (nodes, rate) in zip(axes[0], panels):
+    for ax, (nodes, rate) in zip(axes[0], panels, strict=True):
         mine = [r for r in rows if (r["nodes"], r["rate_mbit"]) == (nodes, rate) and r.get("evals")
                 and r["label"] != LOCAL]  # the baseline's replicas never agree: not a training
         for i, row in enumerate(mine):

@@ -39,7 +39,7 @@ def raw_exchange(tensor: torch.Tensor, inbox: list[torch.Tensor], receives_first
     peers = sorted({(rank - 1) % world, (rank + 1) % world} - {rank})
 
     def run() -> None:
-        recvs = [(dist.irecv, box, p) for box, p in zip(inbox, peers)]
+        recvs = [(dist.irecv, box, p) for box, p in zip(inbox, peers, strict=True)]
         sends = [(dist.isend, tensor, p) for p in peers]
         ops = recvs + sends if receives_first else sends + recvs
         for work in [op(t, p) for op, t, p in ops]:

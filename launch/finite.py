@@ -46,6 +46,6 @@ def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     for names, flags in by_device.values():
         ok = torch.stack(flags)
         if not bool(ok.all()):  # the one synchronisation per device
-            bad += [n for n, good in zip(names, ok.tolist()) if not good]
+            bad += [n for n, good in zip(names, ok.tolist(), strict=True) if not good]
     return bad
 

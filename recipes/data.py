@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import pickle
 import urllib.error
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ class Dataset:
     def in_channels(self) -> int:
         return self.train_x.shape[1]
 
-    def to(self, device: torch.device) -> "Dataset":
+    def to(self, device: torch.device) -> Dataset:
         for k in ("train_x", "train_y", "val_x", "val_y", "mean", "std"):
             setattr(self, k, getattr(self, k).to(device))
         return self
