@@ -22,7 +22,7 @@ import pickle
 import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ def load_cifar(name: Literal["cifar10", "cifar100"], data_dir: str, download: bo
                  augment=True, note=note)
 
 
-def _without_md5(base: type) -> type:
+def _without_md5(base: type[Any]) -> type[Any]:
     """A subclass of a torchvision CIFAR class whose integrity check asks only that files exist.
 
     torchvision's ``check_integrity(path, md5=None)`` is exactly "the file exists"; we keep its
