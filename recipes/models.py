@@ -102,8 +102,8 @@ class _WideBlock(nn.Module):
         o = F.relu(self.bn1(x))
         # the projection shortcut reads the pre-activated input, as in the WRN reference code
         short: torch.Tensor = x if self.shortcut is None else self.shortcut(o)
-        o = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(o)))))
-        return o + short
+        residual: torch.Tensor = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(o)))))
+        return residual + short
 
 
 class WideResNet(nn.Module):
