@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 
-from .common import init, say, timed
+from .common import ddp_without_buffer_sync, init, say, timed
 from .sync_cost import make_model
 
 
@@ -43,6 +43,7 @@ def raw_exchange(tensor: torch.Tensor, inbox: list[torch.Tensor], receives_first
         sends = [(dist.isend, tensor, p) for p in peers]
         ops = recvs + sends if receives_first else sends + recvs
         for work in [op(t, p) for op, t, p in ops]:
+            assert work is not None  # None only on a rank outside the group
             work.wait()
     return run
 
@@ -57,8 +58,8 @@ def main() -> None:
     rank, world = init()
     x = torch.randn(args.batch, 3, 32, 32) if args.model == "resnet18" else torch.randn(args.batch, 1024)
 
-    def setup(name: str, **hp: object):
-        ddp = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
+    def setup(name: str, **hp: Any) -> tuple[commhooks.Algorithm, Callable[[], None]]:
+        ddp = ddp_without_buffer_sync(make_model(args.model))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
         algo = commhooks.build(name, ddp, opt, **hp)
 
