@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks.consistency import rank_min
+from commhooks import rank_min
 from launch.checkpoint import Checkpointer
 from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
 from launch.finite import NonFiniteError, named_tensors, nonfinite
