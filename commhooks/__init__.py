@@ -21,15 +21,25 @@ from .base.grad_hooks import GradSyncState, allreduce_hook, compress_wrapper
 from .base.guards import ExchangeGuard, NonFiniteError, StepMismatchError, min_steps, pull_stability_bound
 from .base.rng import step_seed
 from .build import SYNCHRONOUS, build, ddp_buffer_sync_kwargs, resolve_replica_size
-from .components.elastic import ElasticPull
-from .components.gossip import GossipMixing, gossip_peers, random_matching
-from .components.noise import IsotropicNoise
-from .components.periodic import PeriodicAveraging
-from .components.proximal import ProximalInnerLoop
+from .components.elastic import ElasticConfig, ElasticPull
+from .components.gossip import GossipConfig, GossipMixing, gossip_peers, random_matching
+from .components.noise import IsotropicNoise, NoiseConfig
+from .components.periodic import PeriodicAveraging, PeriodicConfig
+from .components.proximal import ProximalConfig, ProximalInnerLoop
 from .components.scope import GradientScope
 from .ops.averages import ReferenceAverage, synchronize_weights
 from .ops.component import Component, Context
-from .ops.schedules import AdaptivePeriod, ConstantPeriod, scoped
+from .ops.probe import ConsensusLogConfig
+from .ops.pulls import CouplingConfig
+from .ops.schedules import (
+    AdaptivePeriod,
+    AdaptivePeriodConfig,
+    ConstantPeriod,
+    ConstantPeriodConfig,
+    Schedule,
+    ScopingConfig,
+    scoped,
+)
 from .optimizer import AlgorithmOptimizer, guard_bare_steps
 from .registry import AlgorithmSpec, algorithm_names, algorithm_spec, config_class, register, unregister
 
@@ -42,4 +52,7 @@ __all__ = [
     "gossip_peers", "guard_bare_steps", "hparam", "make_topology", "min_steps", "pull_stability_bound", "random_matching",
     "rank_min", "register", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean",
     "step_seed", "synchronize_weights", "unregister",
+    # the components' and schedules' configs, to compose an algorithm's config from
+    "AdaptivePeriodConfig", "ConsensusLogConfig", "ConstantPeriodConfig", "CouplingConfig", "ElasticConfig", "GossipConfig",
+    "NoiseConfig", "PeriodicConfig", "ProximalConfig", "Schedule", "ScopingConfig",
 ]

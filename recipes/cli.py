@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import math
 import os
 import re
+import sys
 import time
 import types
 import typing
@@ -279,6 +281,9 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--algo", choices=commhooks.algorithm_names(), default="ssgd",
                    help="the algorithm (listed below; docs/README.md). Default ssgd")
+    t.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): the algorithms it registers with "
+                        "commhooks.register become --algo choices (docs/usage.md)")
     t.add_argument("--epochs", type=int, default=None, help="default per data set (below)")
     t.add_argument("--batch-size", type=int, default=None, help="per rank (default per data set)")
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (default per data set)")
@@ -323,8 +328,25 @@ def _full_data_algorithms() -> list[str]:
     return [a for a in commhooks.algorithm_names() if commhooks.algorithm_spec(a).full_data_per_replica]
 
 
+def import_plugins(recipe: Recipe, argv: Sequence[str]) -> list[str]:
+    """Import every ``--plugin MODULE`` of ``argv`` (before the parser is built, so that the
+    algorithms a plugin registers with ``commhooks.register`` are ``--algo`` choices).
+
+    Exits with the usage code, naming the module, when one cannot be imported.
+    """
+    names = [v for flag, v in zip(argv, argv[1:], strict=False) if flag == "--plugin"]
+    names += [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # any failure of the user's module is a usage error here
+            _Parser(prog=f"python -m recipes.{recipe.name}").error(f"--plugin: cannot import {name!r}: {type(err).__name__}: {err}")
+    return names
+
+
 def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse, fill the data set's defaults, and reject hyper-parameters the algorithm lacks."""
+    import_plugins(recipe, list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(recipe)
     args = parser.parse_args(argv)
     d = recipe.datasets[args.dataset]

@@ -7,7 +7,7 @@ parallel SGD) elsewhere in the literature.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from ..base.config import ConfigBase, check, hparam, is_int
 from ..ops.averages import synchronize_weights
 from ..ops.component import Component, Context
 from ..ops.probe import ConsensusProbe
-from ..ops.schedules import AdaptivePeriod, Schedule
+from ..ops.schedules import Schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,14 +38,15 @@ class PeriodicAveraging(Component):
 
     A synchronisation is the bare in-place mean. The consensus distance ``S`` is computed only
     where it is needed: exactly at every synchronisation when the schedule uses it (ADPSGD,
-    :class:`AdaptivePeriod`, which holds one parameter-sized buffer for it), and otherwise
+    an adaptive schedule, for which this holds one parameter-sized buffer), and otherwise
     (CPSGD) estimated by a :class:`ConsensusProbe` at the first synchronisation after every
     ``measure_every`` steps; in between, ``stats()`` reports the last measured value with its
     ``consensus_step``, and NaN before the first measurement (or always, with ``measure_every=0``).
 
     Args:
         ctx: the shared context.
-        schedule: a :class:`ConstantPeriod` or :class:`AdaptivePeriod`.
+        schedule: a :class:`~commhooks.ops.schedules.Schedule`, e.g. ``ConstantPeriod`` or
+            ``AdaptivePeriod`` (an adaptive one gets the exact distance at every synchronisation).
         warmup_steps: steps ``k < warmup_steps`` are SSGD and never count towards a period.
         measure_every: estimate the consensus distance (kilobytes of measurement traffic, in
             ``measure_bytes``) at the first synchronisation after each multiple of this many
@@ -58,7 +59,7 @@ class PeriodicAveraging(Component):
         self.local_steps = 0  # c: local steps since the last synchronisation
         self._measure_due = False
         several = ctx.topo.num_replicas > 1
-        exact = several and isinstance(schedule, AdaptivePeriod)
+        exact = several and schedule.adaptive
         self._scratch = [torch.empty_like(s) for s in ctx.weights.param_segments()] if exact else None
         self._probe = ConsensusProbe(ctx.weights) if several and not exact and measure_every else None
 
@@ -88,12 +89,12 @@ class PeriodicAveraging(Component):
         self.schedule.update(distance, self.ctx.lr, k)
 
     def stats(self) -> dict[str, float]:
-        if isinstance(self.schedule, AdaptivePeriod):
+        if self.schedule.adaptive:
             return {"period": float(self.schedule.period)}
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"local_steps": self.local_steps, "schedule": asdict(self.schedule),
+        return {"local_steps": self.local_steps, "schedule": dict(vars(self.schedule)),
                 "measure_due": self._measure_due}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

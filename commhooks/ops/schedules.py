@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from ..base.config import ConfigBase, check, hparam, is_int
 
@@ -54,6 +55,7 @@ class ConstantPeriod:
     """CPSGD: synchronise every ``period`` local steps (arXiv 2007.06134, Algorithm 1)."""
 
     period: int
+    adaptive: ClassVar[bool] = False
 
     def update(self, distance: float, lr: float, k: int) -> None:
         pass
@@ -74,6 +76,7 @@ class AdaptivePeriod:
     """
 
     period: int
+    adaptive: ClassVar[bool] = True
     sample_steps: int
     low: float
     high: float
@@ -102,8 +105,21 @@ class AdaptivePeriod:
         if self.p_max is not None:
             self.period = min(self.period, self.p_max)
 
-#: Either schedule: ``period`` (read before each synchronisation) and ``update`` (after it).
-Schedule = ConstantPeriod | AdaptivePeriod
+class Schedule(Protocol):
+    """When periodic averaging synchronises: after ``period`` local steps, then ``update``.
+
+    A dataclass (``PeriodicAveraging.state_dict`` saves its fields), e.g. :class:`ConstantPeriod`
+    or :class:`AdaptivePeriod`.
+    """
+
+    period: int
+    #: The schedule reads the exact consensus distance at every synchronisation (one
+    #: parameter-sized buffer and one scalar all-reduce), and its period is worth logging.
+    adaptive: ClassVar[bool]
+
+    def update(self, distance: float, lr: float, k: int) -> None:
+        """After the synchronisation of step ``k``, given the consensus distance it measured
+        (NaN if it measured none) and the learning rate."""
 
 _STEPS_PER_EPOCH_HELP = "B, the steps in one epoch: sets how fast scoping grows the coefficients"
 
