@@ -60,6 +60,13 @@ class ConfigBase:
     def __post_init__(self) -> None:
         pass
 
+    def warn_foot_guns(self, name: str, optimizer: Any, num_replicas: int) -> None:
+        """Warn (at ``build``) about settings that train without error but not as intended.
+
+        Overridden by configs that know such a setting (calling ``super()``); ``name`` is the
+        algorithm's.
+        """
+
 
 BufferPolicy = Literal["average", "local"]
 GradCompression = Literal["fp16", "bf16"]
@@ -93,12 +100,6 @@ class CommonConfig(ConfigBase):
         check(self.buffers in BUFFER_POLICIES, "buffers", '"average" or "local"', self.buffers)
         check(self.grad_compression in GRAD_COMPRESSIONS, "grad_compression", 'None, "fp16" or "bf16"',
               self.grad_compression)
-
-    def warn_foot_guns(self, name: str, optimizer: Any, num_replicas: int) -> None:
-        """Warn (at ``build``) about settings that train without error but not as intended.
-
-        Overridden by configs that know such a setting; ``name`` is the algorithm's.
-        """
 
 
 @dataclass(frozen=True)

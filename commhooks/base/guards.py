@@ -145,7 +145,7 @@ class ExchangeGuard:
             ])
         return sum(1 << i for i, good in enumerate(ok.tolist()) if not good)
 
-    def _all_reduce(self, t: torch.Tensor, op: ReduceOp, where: str, timeout: timedelta | None) -> None:
+    def _all_reduce(self, t: torch.Tensor, op: ReduceOp.RedOpType, where: str, timeout: timedelta | None) -> None:
         try:
             work = dist.all_reduce(t, op=op, group=self.group, async_op=True)
             if timeout is None:

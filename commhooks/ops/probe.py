@@ -93,6 +93,7 @@ class ConsensusProbe:
                 if idx is None:
                     out.copy_(seg)
                 else:
+                    assert picked is not None  # allocated with every sampled group's index
                     torch.index_select(seg, 0, idx if on_device is None else on_device, out=picked)
                     out.copy_(picked)
 
