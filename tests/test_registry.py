@@ -71,7 +71,7 @@ def _ramp_rank(rank: int, world: int, steps: int, p_max: int) -> dict[str, float
     algo = commhooks.build(TOY, model, opt, period=p_max)
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(100 + rank))
     gaps = []
-    for k in range(steps):
+    for _ in range(steps):
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         algo.step()
