@@ -32,10 +32,8 @@ class ProximalConfig(ScopingConfig):
     """The fields of :class:`ProximalInnerLoop` (with several replicas, also a :class:`CouplingConfig`)."""
 
     L: int = hparam(25, valid="an integer >= 1", help="inner steps per outer step (and per weight exchange in parle)")
-    alpha: float = hparam(0.75, valid="in [0, 1)",
-                          help="weight of the running average of the inner iterates: z = alpha z + (1 - alpha) y")
-    gamma: float = hparam(0.01, valid="a finite number >= 0",
-                          help="proximal coupling: gamma * (y - x) pulls the inner iterate y to its anchor x")
+    alpha: float = hparam(0.75, valid="in [0, 1)", help="weight of the running average of the inner iterates: z = alpha z + (1 - alpha) y")
+    gamma: float = hparam(0.01, valid="a finite number >= 0", help="proximal coupling: gamma * (y - x) pulls the inner iterate y to its anchor x")
     gamma_max: float = hparam(1.0, valid=">= gamma", help="cap of gamma under scoping")
 
     def __post_init__(self) -> None:
