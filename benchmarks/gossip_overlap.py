@@ -72,7 +72,8 @@ def main() -> None:
     _, local = setup("cpsgd", period=10**9)       # local steps, never averaged
     _, overlap = setup("dpsgd", topology="ring")  # exchange from the hook, during backward
     blocking_algo, blocking = setup("dpsgd", topology="ring")
-    blocking_algo.ctx.grad_state.on_first_bucket = None  # step() starts it, then waits at once
+    gossip = next(c for c in blocking_algo.components if isinstance(c, commhooks.GossipMixing))
+    gossip.overlap_backward = False  # step() starts the exchange, then waits at once
     _, easgd = setup("easgd", rho=0.1, scoping=False)
     flat = torch.cat([s.reshape(-1) for s in blocking_algo.ctx.weights.comm_segments()])
     inbox = [torch.empty_like(flat) for _ in range(min(2, world - 1))]

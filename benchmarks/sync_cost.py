@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks.averaging import synchronize_weights
-from commhooks.comm import replica_mean_
+from commhooks import synchronize_weights
+from commhooks import replica_mean_
 
 from .common import ddp_without_buffer_sync, init, say, timed
 

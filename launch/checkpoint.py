@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from commhooks.consistency import rank_min
+from commhooks import rank_min
 
 from .finite import NonFiniteError, named_tensors, nonfinite
 from .runtime import Runtime

@@ -13,7 +13,7 @@ import torch
 
 # One class for a diverged run, the library's: a NaN found by `algo.check_finite()` or
 # `build(check_finite=True)` then ends a recipe exactly like one found in a checkpoint.
-from commhooks.guards import NonFiniteError
+from commhooks import NonFiniteError
 
 __all__ = ["NonFiniteError", "named_tensors", "nonfinite"]
 

@@ -20,15 +20,13 @@ import sys
 import time
 from typing import Any
 
-# ``algo.stats()`` keys -> TensorBoard tags; algorithm-specific keys are filed under the paper
-# that defines them (ADPSGD's period, Parle's gamma and rho) and otherwise under the algorithm.
+# ``algo.stats()`` keys every algorithm reports -> TensorBoard tags; a key of the algorithm's own
+# components (ADPSGD's period, Parle's gamma and rho) is filed under the algorithm's name.
 _STAT_TAGS = {
     "comm_bytes": "comm/bytes",
     "syncs": "comm/syncs",
     "comm_seconds": "comm/seconds",
     "consensus_distance": "consensus/distance",
-    "period": "adpsgd/period",
-    "gamma": "parle/gamma",
 }
 
 
@@ -39,11 +37,9 @@ BY_TIME = "by_time/"  # step = whole seconds since the run started (resumes incl
 
 
 def stat_tag(algo: str, key: str) -> str:
-    if key in _STAT_TAGS and not (key == "period" and algo != "adpsgd"):
-        return _STAT_TAGS[key]
-    if key == "rho" and algo in ("parle", "entropysgd"):
-        return "parle/rho"
-    return f"{algo}/{key}"
+    """The TensorBoard tag of ``algo.stats()[key]``: shared figures under ``comm/`` and
+    ``consensus/``, the algorithm's own under ``{algo}/``."""
+    return _STAT_TAGS.get(key, f"{algo}/{key}")
 
 
 def run_figures(algo: str, stats: dict[str, Any], lr: float) -> dict[str, Any]:
