@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks import synchronize_weights
-from commhooks import replica_mean_
+from commhooks import replica_mean_, synchronize_weights
 
 from .common import ddp_without_buffer_sync, init, say, timed
 

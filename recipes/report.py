@@ -118,7 +118,7 @@ class Reporter:
     # -- console -----------------------------------------------------------------------------
 
     def print(self, *lines: str) -> None:
-        if self.enabled:
+        if self.console is not None:  # rank 0 only
             for line in lines:
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -143,7 +143,7 @@ class Reporter:
 
     def line(self, text: str) -> None:
         """A periodic status line: above the live bar on a terminal, plain text elsewhere."""
-        if self.enabled:
+        if self.console is not None:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     # -- TensorBoard -------------------------------------------------------------------------
@@ -181,13 +181,15 @@ class Reporter:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         table = "| name | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in clean.items())
         self.writer.add_text("hparams", table, 0)
+        file_writer = self.writer.file_writer  # created by add_text above
         for summary in hparams_summary(clean, dict(metrics)):
-            self.writer.file_writer.add_summary(summary)
+            if file_writer is not None:
+                file_writer.add_summary(summary)
 
     # -- the end -----------------------------------------------------------------------------
 
     def summary(self, title: str, rows: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.console is None:
             return
         if self._progress is not None:
             self._progress.stop()

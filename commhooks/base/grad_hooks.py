@@ -80,7 +80,8 @@ def allreduce_hook(state: GradSyncState, bucket: dist.GradBucket) -> torch.futur
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         state._done.append(time.perf_counter())
-        return fut.value()[0]
+        reduced: torch.Tensor = fut.value()[0]
+        return reduced
 
     return work.get_future().then(finish)
 
