@@ -24,16 +24,15 @@ class GradSyncState:
     Args:
         group: the group gradients are averaged over, or ``None`` for none (local gradients).
         meter: where bytes and blocked seconds are charged.
-        on_first_bucket: called once per backward, before the first bucket is reduced; the
-            gossip exchange starts there so it overlaps the rest of the backward pass.
-        on_backward: called once per backward before anything else (the step check of
-            ``commhooks.guards``).
+        on_backward: called once per backward, before the first bucket is reduced. Set by
+            ``commhooks.Algorithm`` only, which checks the step there and dispatches the
+            components' ``backward_started`` phase (the gossip exchange starts there so it
+            overlaps the rest of the backward pass).
         step: the step whose backward runs (set by the algorithm; QSGD seeds its draws with it).
     """
 
     group: ProcessGroup | None
     meter: CommMeter
-    on_first_bucket: Callable[[], None] | None = None
     on_backward: Callable[[], None] | None = None
     step: int = 0
     _started: bool = False
@@ -45,8 +44,6 @@ class GradSyncState:
             self._started = True
             if self.on_backward is not None:
                 self.on_backward()
-            if self.on_first_bucket is not None:
-                self.on_first_bucket()
 
     def end_backward(self) -> None:
         """Charge the gradient communication that outlasted the backward pass, and re-arm.
@@ -86,7 +83,8 @@ def allreduce_hook(state: GradSyncState, bucket: dist.GradBucket) -> torch.futur
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         state._done.append(time.perf_counter())
-        return fut.value()[0]
+        reduced: torch.Tensor = fut.value()[0]
+        return reduced
 
     return work.get_future().then(finish)
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .grad_hooks import GradSyncState, Hook, allreduce_hook
-from .noise import step_seed
+from .rng import step_seed
 
 MAX_BITS = 8  # a level fits one byte, the widest field pack_bits handles
 
@@ -185,7 +185,8 @@ def bucket_norms(v: torch.Tensor, layout: Layout) -> torch.Tensor:
     """float32 ``||v||_2`` of every bucket of ``v`` (a zero-padded matrix: deterministic on every device)."""
     padded = torch.zeros(layout.mask.shape, dtype=torch.float32, device=v.device)
     padded.masked_scatter_(layout.mask, v.to(torch.float32))
-    return torch.linalg.vector_norm(padded, dim=1)
+    norms: torch.Tensor = torch.linalg.vector_norm(padded, dim=1)
+    return norms
 
 
 def encode(v: torch.Tensor, uniforms: torch.Tensor, layout: Layout, bits: int) -> QSGDCode:
