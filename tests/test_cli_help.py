@@ -54,6 +54,8 @@ def test_every_algorithm_flag_has_its_meaning_and_choices(help_text):
             continue
         block = _entry(help_text, "--" + name.replace("_", "-"))
         for algo, field, _ in uses:
+            if algo not in commhooks.ALGORITHMS:  # registered in this process only (tests/toy_algorithm.py)
+                continue
             assert _squash(field.metadata["help"]) in block, (name, algo)
             assert _squash(field.metadata["valid"]) in block, (name, algo)
             assert algo in block or "everyalgorithm" in block, (name, algo)
