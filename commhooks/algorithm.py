@@ -13,7 +13,7 @@ Every algorithm in docs/README.md is a short list of :class:`Component` s. One c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -35,6 +35,9 @@ class Context:
 
     ``guard`` checks, before each weight exchange, that every rank is at the same step (and,
     opt-in, that no weights are non-finite); components call ``guard.before_exchange``.
+    ``sync_hooks`` are called by a periodic synchronisation with the per-group parameter tensors
+    that hold the replicas' mean and the lr of the synchronisation step; a hook may replace the
+    mean in place before it is applied (an outer optimizer, ``commhooks.outer``).
     """
 
     weights: FlatWeights
@@ -43,6 +46,7 @@ class Context:
     grad_state: GradSyncState
     optimizer: torch.optim.Optimizer
     guard: ExchangeGuard = field(default_factory=ExchangeGuard)
+    sync_hooks: list[Callable[[list[torch.Tensor], float], None]] = field(default_factory=list)
 
     @property
     def lr(self) -> float:

@@ -24,6 +24,7 @@ from .comm import (
 )
 from .flat import FlatWeights
 from .noise import step_generator
+from .overlap import DelayedAverage
 
 
 class GradientScope(Component):
@@ -235,6 +236,12 @@ class PeriodicAveraging(Component):
     ``measure_every`` steps; in between, ``stats()`` reports the last measured value with its
     ``consensus_step``, and NaN before the first measurement (or always, with ``measure_every=0``).
 
+    With ``delay > 0`` a synchronisation is overlapped (:class:`commhooks.overlap.DelayedAverage`):
+    the mean of the weights after step ``k_s`` is applied as a correction after step
+    ``k_s + delay``, where the schedule's controller also runs (with ``S``, ``lr`` and ``k`` of
+    step ``k_s``); ``S`` is then exact whenever it is measured. Hooks in ``ctx.sync_hooks``
+    (outer optimizers) see the mean before it is applied, in either mode.
+
     Args:
         ctx: the shared context.
         schedule: a :class:`ConstantPeriod` or :class:`AdaptivePeriod`.
@@ -242,10 +249,13 @@ class PeriodicAveraging(Component):
         measure_every: estimate the consensus distance (kilobytes of measurement traffic, in
             ``measure_bytes``) at the first synchronisation after each multiple of this many
             steps; 0 never. Ignored when the schedule needs the exact ``S`` anyway.
+        delay: steps between a synchronisation's snapshot and its correction; 0 = blocking.
+            Must stay below every period the schedule can take (validated by the configs).
     """
 
     def __init__(
-        self, ctx: Context, schedule: ConstantPeriod | AdaptivePeriod, warmup_steps: int, measure_every: int = 0
+        self, ctx: Context, schedule: ConstantPeriod | AdaptivePeriod, warmup_steps: int, measure_every: int = 0,
+        delay: int = 0,
     ) -> None:
         self.ctx, self.schedule, self.warmup_steps = ctx, schedule, warmup_steps
         self.measure_every = measure_every
@@ -253,18 +263,29 @@ class PeriodicAveraging(Component):
         self._measure_due = False
         several = ctx.topo.num_replicas > 1
         exact = several and isinstance(schedule, AdaptivePeriod)
-        self._scratch = [torch.empty_like(s) for s in ctx.weights.param_segments()] if exact else None
-        self._probe = ConsensusProbe(ctx.weights) if several and not exact and measure_every else None
+        self._measures = several and not exact and measure_every > 0
+        self._delayed = DelayedAverage(ctx, delay) if delay else None
+        blocking = self._delayed is None
+        self._scratch = [torch.empty_like(s) for s in ctx.weights.param_segments()] if exact and blocking else None
+        self._probe = ConsensusProbe(ctx.weights) if self._measures and blocking else None
 
     def after_optimizer(self, k: int) -> None:
-        if self._probe is not None and (k + 1) % self.measure_every == 0:
+        if self._measures and (k + 1) % self.measure_every == 0:
             self._measure_due = True
+        if self._delayed is not None and self._delayed.due(k):
+            self._apply_delayed()
         if k < self.warmup_steps:
             return
         self.local_steps += 1
         if self.local_steps != self.schedule.period:
             return
         self.ctx.guard.before_exchange("periodic average", k)
+        if self._delayed is not None:
+            adaptive = isinstance(self.schedule, AdaptivePeriod)
+            self._delayed.start(k, self.ctx.lr, want_squared=adaptive or self._measure_due)
+            self._measure_due = False
+            self.local_steps = 0
+            return
         probe = self._probe if self._measure_due else None
         if probe is not None:
             probe.draw(k)
@@ -274,8 +295,28 @@ class PeriodicAveraging(Component):
             probe.gather(probe.mean)  # the average, at the same coordinates
             start_distance_mean(probe.local_squared(), k + 1, self.ctx.topo, self.ctx.meter)
             self._measure_due = False
+        for hook in self.ctx.sync_hooks:
+            hook(self.ctx.weights.param_segments(), self.ctx.lr)
         self.local_steps = 0
         self.schedule.update(distance, self.ctx.lr, k)
+
+    def _apply_delayed(self) -> None:
+        assert self._delayed is not None
+        ctx = self.ctx
+        done = self._delayed.apply()
+        if isinstance(self.schedule, AdaptivePeriod):
+            assert done.squared is not None
+            distance = replica_mean_scalar(done.squared, ctx.topo, ctx.meter, ctx.weights.device)
+            ctx.meter.record_distance(distance, done.step + 1)
+            self.schedule.update(distance, done.lr, done.step)
+        elif done.squared is not None:
+            start_distance_mean(done.squared, done.step + 1, ctx.topo, ctx.meter)
+
+    def consensus_params(self) -> list[torch.Tensor] | None:
+        # A correction still pending belongs to the model: include it.
+        if self._delayed is not None and self._delayed.pending:
+            return self._delayed.corrected_params()
+        return None
 
     def stats(self) -> dict[str, float]:
         if isinstance(self.schedule, AdaptivePeriod):
@@ -284,10 +325,13 @@ class PeriodicAveraging(Component):
 
     def state_dict(self) -> dict[str, Any]:
         return {"local_steps": self.local_steps, "schedule": asdict(self.schedule),
-                "measure_due": self._measure_due}
+                "measure_due": self._measure_due,
+                "delayed": None if self._delayed is None else self._delayed.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.local_steps = int(state["local_steps"])
         self._measure_due = bool(state.get("measure_due", False))
+        if self._delayed is not None:
+            self._delayed.load_state_dict(state["delayed"])
         for key, value in state["schedule"].items():
             setattr(self.schedule, key, value)

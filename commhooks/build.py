@@ -23,6 +23,7 @@ from .gossip import GossipMixing
 from .grad_hooks import GradSyncState, make_grad_hook
 from .guards import ExchangeGuard, warn_foot_guns
 from .noise import IsotropicNoise
+from .outer import OuterOptimizer
 
 # Algorithms whose rule keeps every replica identical: buffers broadcast by DDP are harmless.
 SYNCHRONOUS: tuple[str, ...] = ("ssgd", "ssgd-noise")
@@ -92,17 +93,21 @@ def _components(name: str, cfg: CommonConfig, ctx: Context) -> list[Component]:
         if name == "ssgd-noise":
             comps.append(IsotropicNoise(ctx, h["noise_std"], h["seed"]))
         return comps
-    if name == "cpsgd":
+    if name in ("cpsgd", "diloco", "slowmo"):
         schedule = ConstantPeriod(period=h["period"])
     elif name == "adpsgd":
         schedule = AdaptivePeriod(
             period=h["p_init"], sample_steps=h["sample_steps"], low=h["low"], high=h["high"],
             p_min=h["p_min"], p_max=h["p_max"],
         )
-    if name in ("cpsgd", "adpsgd"):
+    if name in ("cpsgd", "adpsgd", "diloco", "slowmo"):
         w = h["warmup_steps"]
         measure = h.get("log_every", 0)
-        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w, measure)]
+        comps = [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w, measure, h["delay"])]
+        if name in ("diloco", "slowmo") or cfg.has_outer_optimizer:  # type: ignore[attr-defined]
+            comps.append(OuterOptimizer(ctx, lr=h["outer_lr"], momentum=h["outer_momentum"], nesterov=h["outer_nesterov"],
+                                        normalize=name == "slowmo", warmup_steps=w))
+        return comps
     local = GradientScope(ctx, global_until=0)
     if name == "dpsgd":
         return [local, GossipMixing(ctx, h["topology"], h["seed"], h["log_every"])]

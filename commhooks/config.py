@@ -90,10 +90,48 @@ class SSGDNoiseConfig(CommonConfig):
 
 
 _WARMUP_HELP = "steps of synchronous SGD before the local steps begin (w)"
+_OUTER_LR_HELP = "eta, the outer learning rate: g <- g - eta * (outer momentum step) at each average; 1 with momentum 0 is the plain average"
+_OUTER_MOMENTUM_HELP = "mu, the outer momentum on the pseudo-gradient g - mean of the replicas"
+_OUTER_NESTEROV_HELP = "Nesterov outer momentum (DiLoCo) instead of heavy ball"
 
 
 @dataclass(kw_only=True)
-class CPSGDConfig(CommonConfig):
+class PeriodicOptions:
+    """What every periodic-averaging algorithm takes besides its period: overlap and an outer optimizer.
+
+    Args:
+        delay: steps between a synchronisation's snapshot and the correction that applies its
+            average (docs/periodic.md, "Overlapped averaging"); 0 = blocking.
+        outer_lr, outer_momentum, outer_nesterov: the outer optimizer on the pseudo-gradient
+            (docs/periodic.md, "Outer optimizers"); ``1, 0, False`` is the plain average.
+    """
+
+    delay: int = _hp(0, valid="an integer >= 0 and < every period (0: blocking)",
+                     help="overlap: start the weight average at the sync step and apply it as a correction "
+                          "this many steps later, local steps continuing meanwhile; 0 = blocking average")
+    outer_lr: float = _hp(1.0, valid="a finite number > 0", help=_OUTER_LR_HELP)
+    outer_momentum: float = _hp(0.0, valid="in [0, 1)", help=_OUTER_MOMENTUM_HELP)
+    outer_nesterov: bool = _hp(False, valid="True or False", help=_OUTER_NESTEROV_HELP)
+
+    @property
+    def has_outer_optimizer(self) -> bool:
+        """Whether the rule differs from the plain average (an outer optimizer must be built)."""
+        return self.outer_lr != 1.0 or self.outer_momentum != 0.0
+
+    def validate_periodic(self, shortest_period: int, period_name: str) -> None:
+        """Check the overlap and outer-optimizer options; ``shortest_period`` bounds ``delay``."""
+        _check(_is_int(self.delay) and self.delay >= 0, "delay", "an integer >= 0", self.delay)
+        _check(self.delay < shortest_period, "delay",
+               f"< {period_name} ({shortest_period}): a correction must land before the next average", self.delay)
+        _check(isinstance(self.outer_lr, (int, float)) and not isinstance(self.outer_lr, bool)
+               and math.isfinite(self.outer_lr) and self.outer_lr > 0, "outer_lr", "a finite number > 0", self.outer_lr)
+        _check(isinstance(self.outer_momentum, (int, float)) and not isinstance(self.outer_momentum, bool)
+               and 0 <= self.outer_momentum < 1, "outer_momentum", "in [0, 1)", self.outer_momentum)
+        _check(isinstance(self.outer_nesterov, bool), "outer_nesterov", "True or False", self.outer_nesterov)
+
+
+@dataclass(kw_only=True)
+class CPSGDConfig(PeriodicOptions, CommonConfig):
     """CPSGD: local SGD, weights averaged every `period` steps (Jiang & Agrawal, arXiv 2007.06134, Alg. 1)."""
 
     period: int = _hp(valid="an integer >= 1 (required; 1 is SSGD at a higher cost)",
@@ -111,10 +149,34 @@ class CPSGDConfig(CommonConfig):
             "warmup_steps", "an integer >= 0", self.warmup_steps,
         )
         _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
+        self.validate_periodic(self.period, "period")
 
 
 @dataclass(kw_only=True)
-class ADPSGDConfig(CommonConfig):
+class DiLoCoConfig(CPSGDConfig):
+    """DiLoCo: local steps, outer Nesterov SGD on the averaged update (Douillard et al., arXiv 2311.08105, Alg. 1)."""
+
+    period: int = _hp(500, valid="an integer >= 1", help="local (inner) steps between two outer steps (H)")
+    outer_lr: float = _hp(0.7, valid="a finite number > 0", help=_OUTER_LR_HELP)
+    outer_momentum: float = _hp(0.9, valid="in [0, 1)", help=_OUTER_MOMENTUM_HELP)
+    outer_nesterov: bool = _hp(True, valid="True or False", help=_OUTER_NESTEROV_HELP)
+
+
+@dataclass(kw_only=True)
+class SlowMoConfig(CPSGDConfig):
+    """SlowMo: local steps, slow momentum on the averaged update (Wang et al., ICLR 2020, arXiv 1910.00643, Alg. 1)."""
+
+    period: int = _hp(48, valid="an integer >= 1", help="local (base) steps between two slow momentum steps (tau)")
+    outer_lr: float = _hp(1.0, valid="a finite number > 0",
+                          help="alpha, the slow learning rate: g <- g - alpha * lr * u, lr the inner lr at the average")
+    outer_momentum: float = _hp(0.5, valid="in [0, 1)",
+                                help="beta, the slow momentum: u <- beta * u + (g - mean of the replicas) / lr")
+    outer_nesterov: bool = _hp(False, valid="True or False",
+                               help="step with beta * u_new + (g - mean) / lr (Nesterov) instead of u_new (the paper)")
+
+
+@dataclass(kw_only=True)
+class ADPSGDConfig(PeriodicOptions, CommonConfig):
     """ADPSGD: periodic averaging, period adapted to the drift (Jiang & Agrawal, arXiv 2007.06134, Alg. 2)."""
 
     sample_steps: int = _hp(
@@ -153,6 +215,7 @@ class ADPSGDConfig(CommonConfig):
             )
         _check(self.low >= 0, "low", ">= 0", self.low)
         _check(self.low < self.high, "low", f"< high ({self.high})", self.low)
+        self.validate_periodic(self.p_min, "p_min")
 
 
 @dataclass(kw_only=True)
@@ -255,6 +318,8 @@ CONFIGS: dict[str, type[CommonConfig]] = {
     "ssgd-noise": SSGDNoiseConfig,
     "cpsgd": CPSGDConfig,
     "adpsgd": ADPSGDConfig,
+    "diloco": DiLoCoConfig,
+    "slowmo": SlowMoConfig,
     "dpsgd": DPSGDConfig,
     "easgd": EASGDConfig,
     "entropysgd": EntropySGDConfig,
