@@ -90,7 +90,8 @@ class SSGDNoiseConfig(CommonConfig):
 
 
 _WARMUP_HELP = "steps of synchronous SGD before the local steps begin (w)"
-_OUTER_LR_HELP = "eta, the outer learning rate on the pseudo-gradient g - mean of the replicas (g: the previous average's result); 1 with outer_momentum 0 is the plain average"
+_OUTER_LR_HELP = ("eta, the outer learning rate on the pseudo-gradient g - mean of the replicas (g: the previous average's result); "
+                  "1 with outer_momentum 0 is the plain average")
 _OUTER_MOMENTUM_HELP = "mu, the outer momentum: m <- mu * m + (g - mean of the replicas)"
 _OUTER_NESTEROV_HELP = "Nesterov outer momentum (DiLoCo) instead of heavy ball"
 

@@ -78,7 +78,9 @@ class OuterOptimizer(Component):
         mu = self.momentum
         delta_coef = 1.0 - self.lr  # of Δ in T = M + (1 - η) Δ - η μ s v
         momentum_coef = self.lr * mu * scale  # of v
-        buffers = self.momentum_buffers or [None] * len(means)
+        buffers: list[torch.Tensor | None] = [None] * len(means)
+        if self.momentum_buffers is not None:
+            buffers = list(self.momentum_buffers)
         with torch.no_grad():
             for g, target, buf in zip(self.global_weights, means, buffers, strict=True):
                 delta = g.sub_(target)  # Δ = g - M, formed in g's own storage

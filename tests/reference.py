@@ -226,10 +226,10 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
                     # Overlapped averaging: x_a <- x_a + (T - x_s,a), T the (outer-stepped) mean.
                     xs = pending["xs"]
                     mean = sim_mean(xs)
-                    S = sum(float(sum(((m - xi) ** 2).sum() for m, xi in zip(mean, xs[a]))) for a in range(n)) / n
+                    S = sum(float(sum(((m - xi) ** 2).sum() for m, xi in zip(mean, xs[a], strict=True))) for a in range(n)) / n
                     target = outer.step(mean, pending["lr"]) if outer is not None else mean
                     for a in range(n):
-                        sim.set_x(a, [xi + (t - si) for xi, t, si in zip(sim.x(a), target, xs[a])])
+                        sim.set_x(a, [xi + (t - si) for xi, t, si in zip(sim.x(a), target, xs[a], strict=True)])
                     if name == "adpsgd":
                         control(S, pending["lr"], pending["k"])
                     pending = None
@@ -302,7 +302,7 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
             sim.consensus = sim.mean_x()
         else:
             target = outer.step(sim_mean(pending["xs"]), pending["lr"]) if outer is not None else sim_mean(pending["xs"])
-            sim.consensus = sim_mean([[xi + (t - si) for xi, t, si in zip(sim.x(a), target, pending["xs"][a])]
+            sim.consensus = sim_mean([[xi + (t - si) for xi, t, si in zip(sim.x(a), target, pending["xs"][a], strict=True)]
                                       for a in range(n)])
     return sim, trace
 
@@ -329,12 +329,12 @@ class OuterRule:
 
     def step(self, mean: list[torch.Tensor], inner_lr: float) -> list[torch.Tensor]:
         s = inner_lr if self.normalize else 1.0
-        delta = [g - m for g, m in zip(self.g, mean)]
-        self.m = [self.mu * m + d / s for m, d in zip(self.m, delta)]
+        delta = [g - m for g, m in zip(self.g, mean, strict=True)]
+        self.m = [self.mu * m + d / s for m, d in zip(self.m, delta, strict=True)]
         if self.nesterov:
-            self.g = [g - self.lr * s * (d / s + self.mu * m) for g, d, m in zip(self.g, delta, self.m)]
+            self.g = [g - self.lr * s * (d / s + self.mu * m) for g, d, m in zip(self.g, delta, self.m, strict=True)]
         else:
-            self.g = [g - self.lr * s * m for g, m in zip(self.g, self.m)]
+            self.g = [g - self.lr * s * m for g, m in zip(self.g, self.m, strict=True)]
         return [g.clone() for g in self.g]
 
 

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from reference import OPT, assert_matches, flat, loss_of, make_ddp, make_model, simulate, train
+from reference import OPT, assert_matches, batch, flat, loss_of, make_ddp, make_model, simulate, train
 from spawn import run_ranks
 from torch.optim.lr_scheduler import MultiStepLR
 
@@ -224,3 +224,37 @@ def test_defaults_are_the_papers():
     assert (slowmo.period, slowmo.outer_lr, slowmo.outer_momentum, slowmo.outer_nesterov) == (48, 1.0, 0.5, False)
     cpsgd = make_config("cpsgd", {"period": 4})
     assert (cpsgd.delay, cpsgd.outer_lr, cpsgd.outer_momentum) == (0, 1.0, 0.0) and not cpsgd.has_outer_optimizer
+
+
+def _batchnorm_delayed(rank, world, steps):
+    torch.manual_seed(0)
+    # momentum=1: after a forward the running statistics are exactly that batch's (closed form)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(5, momentum=1.0), torch.nn.Linear(5, 2)).double()
+    ddp = make_ddp(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algo = commhooks.build("cpsgd", ddp, opt, 1, period=2, delay=1)
+    for k in range(steps):
+        opt.zero_grad()
+        x, y = batch(rank, k)
+        ((ddp(x) - y) ** 2).mean().backward()
+        algo.step()
+    bn = model[0]
+    return {"mean": bn.running_mean.clone(), "var": bn.running_var.clone(), "count": int(bn.num_batches_tracked)}
+
+
+@pytest.mark.timeout(60)
+def test_overlapped_average_corrects_buffers_too():
+    """Averaged after step 1, corrected after step 2: running stats = own of step 2 + (mean - own) of step 1."""
+    results = run_ranks(_batchnorm_delayed, WORLD, 3)
+
+    def stats(rank, k):
+        x = batch(rank, k)[0]
+        return x.mean(0), x.var(0, unbiased=True)
+
+    for i, key in enumerate(("mean", "var")):
+        at_snapshot = [stats(r, 1)[i] for r in range(WORLD)]
+        mean = sum(at_snapshot) / WORLD
+        for rank, res in enumerate(results):
+            expected = stats(rank, 2)[i] + (mean - at_snapshot[rank])
+            assert float((res[key] - expected).abs().max()) < 1e-12, (key, rank)
+    assert all(res["count"] == 3 for res in results)  # integer buffers: equal counts, zero correction
