@@ -20,12 +20,13 @@ from .gossip import GossipMixing, gossip_peers, random_matching
 from .grad_hooks import GradSyncState, allreduce_hook, compress_wrapper
 from .guards import ExchangeGuard, NonFiniteError, StepMismatchError, min_steps, pull_stability_bound
 from .noise import IsotropicNoise, step_seed
+from .outer import OuterOptimizer
 from .optimizer import AlgorithmOptimizer, guard_bare_steps
 
 __all__ = [
     "ALGORITHMS", "SYNCHRONOUS", "Algorithm", "AlgorithmOptimizer", "AdaptivePeriod", "CommMeter", "Component", "ConstantPeriod", "Context",
     "ElasticPull", "ExchangeGuard", "FlatWeights", "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise",
-    "NonFiniteError", "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "StepMismatchError", "Topology", "allreduce_hook", "build",
+    "NonFiniteError", "OuterOptimizer", "PeriodicAveraging", "ProximalInnerLoop", "ReferenceAverage", "StepMismatchError", "Topology", "allreduce_hook", "build",
     "check_same_across_ranks", "compress_wrapper", "config_class", "ddp_buffer_sync_kwargs", "gossip_peers", "make_topology",
     "guard_bare_steps", "min_steps", "pull_stability_bound", "random_matching", "replica_max_", "replica_mean_", "resolve_replica_size", "scoped", "start_replica_mean", "step_seed",
     "synchronize_weights",

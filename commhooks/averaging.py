@@ -332,6 +332,6 @@ class PeriodicAveraging(Component):
         self.local_steps = int(state["local_steps"])
         self._measure_due = bool(state.get("measure_due", False))
         if self._delayed is not None:
-            self._delayed.load_state_dict(state["delayed"])
+            self._delayed.load_state_dict(state.get("delayed") or {"step": None})  # saved blocking: none pending
         for key, value in state["schedule"].items():
             setattr(self.schedule, key, value)

@@ -49,6 +49,10 @@ def test_matches_simulation(replica_size):
         assert_matches(runs, sim)
         if name == "adpsgd":
             assert all(r["periods"] == trace for r in runs), (case, [r["periods"] for r in runs], trace)
+    # log_every with delay: the distance of the last applied average (snapshot after step 8,
+    # applied after step 10) is measured exactly, and labelled with the snapshot's step
+    stats = results[0]["cpsgd-delay2"]["stats"]
+    assert stats["consensus_step"] == 9 and stats["consensus_distance"] > 0 and stats["measure_bytes"] > 0
 
 
 def test_the_cases_exercise_the_rules():
