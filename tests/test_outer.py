@@ -79,6 +79,9 @@ def _identities(rank, world):
     out["adpsgd-delay0"] = train(rank, world, "adpsgd", {**ADAPTIVE, "delay": 0}, STEPS, 1)
     out["slowmo"] = train(rank, world, "slowmo", {"period": 3, "outer_momentum": 0.0}, STEPS, 1)
     out["cpsgd3"] = train(rank, world, "cpsgd", {"period": 3}, STEPS, 1)
+    out["diloco3"] = train(rank, world, "diloco", {"period": 3}, STEPS, 1)
+    out["cpsgd3+outer"] = train(rank, world, "cpsgd", {"period": 3, "outer_lr": 0.7, "outer_momentum": 0.9,
+                                                       "outer_nesterov": True}, STEPS, 1)
     return out
 
 
@@ -88,6 +91,7 @@ def test_identities_bit_for_bit():
     for res in run_ranks(_identities, WORLD, timeout=110):
         pairs = [(("diloco", m), ("cpsgd", m)) for m in (1, 2)] + [(("delay0", m), ("cpsgd", m)) for m in (1, 2)]
         pairs += [("adpsgd-delay0", "adpsgd"), ("slowmo", "cpsgd3")]  # SlowMo with alpha 1, beta 0: the average
+        pairs += [("cpsgd3+outer", "diloco3")]  # diloco is cpsgd with DiLoCo's outer optimizer
         for a, b in pairs:
             assert torch.equal(res[a]["params"], res[b]["params"]), (a, b)
             for key in ("comm_bytes", "syncs"):
