@@ -13,11 +13,11 @@ which moves it to where the blocking rule would have put it, plus the local prog
 ``mean_a(x_s)`` by its outer step before the correction. Overlap Local-SGD (Wang, Liang & Joshi,
 ICASSP 2020, arXiv 2002.09539) and Streaming DiLoCo (Douillard et al., arXiv 2501.18512) hide
 the averaging behind local steps too, but mix the late average in differently (a pull towards
-an anchor, a convex combination); this correction keeps every local step and, with one replica
-or identical replicas, changes nothing.
+an anchor, a convex combination); this correction keeps every local step, and without an outer
+optimizer it leaves the replicas' mean unchanged (``mean_a(T - x_s,a) = 0``).
 
 Memory: two copies of the communicated weights (the snapshot and the mean in flight), allocated
-once; the correction and the distance are computed in place and chunk by chunk.
+once; the correction is formed in place, the distance chunk by chunk.
 """
 
 from __future__ import annotations
