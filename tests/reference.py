@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks.noise import step_seed
+from commhooks import step_seed
 
 OPT = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
 

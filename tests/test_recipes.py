@@ -27,7 +27,7 @@ RESULT_KEYS = {"algo", "world_size", "replica_size", "epochs", "steps", "val_acc
 BASE_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "comm/bytes", "comm/syncs",
              "comm/seconds", "consensus/distance"}
 EXTRA_TAGS = {"adpsgd": {"adpsgd/period"}, "parle": {"parle/gamma", "parle/rho"},
-              "entropysgd": {"parle/gamma"}}
+              "entropysgd": {"entropysgd/gamma"}}
 
 
 def _env() -> dict[str, str]:

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from benchmarks.common import AllocationRecorder, held_bytes, model_bytes
-from commhooks.averaging import ConsensusProbe
+from commhooks.ops.probe import ConsensusProbe
 from reference import assert_matches, make_ddp, simulate, train
 from spawn import run_ranks
 

@@ -26,11 +26,39 @@ average. Memory: ``g`` and the momentum buffer are parameter-sized (no momentum 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .algorithm import Component, Context
+from ..base.config import ConfigBase, check, hparam, is_finite_number
+from ..ops.component import Component, Context
+
+OUTER_LR_HELP = ("eta, the outer learning rate on the pseudo-gradient g - mean of the replicas (g: the previous "
+                 "average's result); 1 with outer_momentum 0 is the plain average")
+OUTER_MOMENTUM_HELP = "mu, the outer momentum: m <- mu * m + (g - mean of the replicas)"
+OUTER_NESTEROV_HELP = "Nesterov outer momentum (DiLoCo) instead of heavy ball"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterConfig(ConfigBase):
+    """The fields of :class:`OuterOptimizer`; ``1, 0, False`` is the plain average (none is built)."""
+
+    outer_lr: float = hparam(1.0, valid="a finite number > 0", help=OUTER_LR_HELP)
+    outer_momentum: float = hparam(0.0, valid="in [0, 1)", help=OUTER_MOMENTUM_HELP)
+    outer_nesterov: bool = hparam(False, valid="True or False", help=OUTER_NESTEROV_HELP)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(is_finite_number(self.outer_lr) and self.outer_lr > 0, "outer_lr", "a finite number > 0", self.outer_lr)
+        check(is_finite_number(self.outer_momentum) and 0 <= self.outer_momentum < 1, "outer_momentum", "in [0, 1)",
+              self.outer_momentum)
+        check(isinstance(self.outer_nesterov, bool), "outer_nesterov", "True or False", self.outer_nesterov)
+
+    @property
+    def has_outer_optimizer(self) -> bool:
+        """Whether the rule differs from the plain average (an outer optimizer must be built)."""
+        return self.outer_lr != 1.0 or self.outer_momentum != 0.0
 
 
 class OuterOptimizer(Component):
@@ -61,6 +89,11 @@ class OuterOptimizer(Component):
             self.global_weights = [seg.detach().clone() for seg in ctx.weights.param_segments()]
             self.momentum_buffers = [torch.zeros_like(g) for g in self.global_weights] if momentum else None
         ctx.sync_hooks.append(self.step_)
+
+    @classmethod
+    def from_config(cls, ctx: Context, cfg: OuterConfig, *, normalize: bool = False, warmup_steps: int = 0) -> OuterOptimizer:
+        return cls(ctx, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.outer_nesterov,
+                   normalize=normalize, warmup_steps=warmup_steps)
 
     def after_optimizer(self, k: int) -> None:
         if k + 1 == self.warmup_steps:  # the last synchronous step: the local phase starts here

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .algorithm import Context
-from .comm import PendingMean, start_replica_max, start_replica_mean
-from .inplace import Scratch, add_scaled_difference_
+from ..base.comm import PendingMean, start_replica_max, start_replica_mean
+from ..base.inplace import Scratch, add_scaled_difference_
+from .component import Context
 
 
 @dataclass(kw_only=True)

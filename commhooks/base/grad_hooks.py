@@ -15,6 +15,7 @@ from torch.distributed import ProcessGroup
 
 from .comm import CommMeter
 
+
 @dataclass(kw_only=True)
 class GradSyncState:
     """State of the gradient hook.
@@ -22,15 +23,14 @@ class GradSyncState:
     Args:
         group: the group gradients are averaged over, or ``None`` for none (local gradients).
         meter: where bytes and blocked seconds are charged.
-        on_first_bucket: called once per backward, before the first bucket is reduced; the
-            gossip exchange starts there so it overlaps the rest of the backward pass.
-        on_backward: called once per backward before anything else (the step check of
-            ``commhooks.guards``).
+        on_backward: called once per backward, before the first bucket is reduced. Set by
+            ``commhooks.Algorithm`` only, which checks the step there and dispatches the
+            components' ``backward_started`` phase (the gossip exchange starts there so it
+            overlaps the rest of the backward pass).
     """
 
     group: ProcessGroup | None
     meter: CommMeter
-    on_first_bucket: Callable[[], None] | None = None
     on_backward: Callable[[], None] | None = None
     _started: bool = False
     _launched: list[float] = field(default_factory=list)
@@ -41,8 +41,6 @@ class GradSyncState:
             self._started = True
             if self.on_backward is not None:
                 self.on_backward()
-            if self.on_first_bucket is not None:
-                self.on_first_bucket()
 
     def end_backward(self) -> None:
         """Charge the gradient communication that outlasted the backward pass, and re-arm.
@@ -82,7 +80,8 @@ def allreduce_hook(state: GradSyncState, bucket: dist.GradBucket) -> torch.futur
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         state._done.append(time.perf_counter())
-        return fut.value()[0]
+        reduced: torch.Tensor = fut.value()[0]
+        return reduced
 
     return work.get_future().then(finish)
 
