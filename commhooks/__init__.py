@@ -24,7 +24,8 @@ from .build import SYNCHRONOUS, build, ddp_buffer_sync_kwargs, resolve_replica_s
 from .components.elastic import ElasticConfig, ElasticPull
 from .components.gossip import GossipConfig, GossipMixing, gossip_peers, random_matching
 from .components.noise import IsotropicNoise, NoiseConfig
-from .components.periodic import PeriodicAveraging, PeriodicConfig
+from .components.outer import OuterConfig, OuterOptimizer
+from .components.periodic import OverlapConfig, PeriodicAveraging, PeriodicConfig
 from .components.proximal import ProximalConfig, ProximalInnerLoop
 from .components.scope import GradientScope
 from .ops.averages import ReferenceAverage, synchronize_weights
@@ -46,7 +47,7 @@ from .registry import AlgorithmSpec, algorithm_names, algorithm_spec, config_cla
 __all__ = [
     "ALGORITHMS", "SYNCHRONOUS", "config", "AdaptivePeriod", "Algorithm", "AlgorithmOptimizer", "AlgorithmSpec", "CommMeter",
     "CommonConfig", "Component", "ConfigBase", "ConstantPeriod", "Context", "ElasticPull", "ExchangeGuard", "FlatWeights",
-    "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise", "NonFiniteError", "PeriodicAveraging",
+    "GossipMixing", "GradSyncState", "GradientScope", "IsotropicNoise", "NonFiniteError", "OuterOptimizer", "PeriodicAveraging",
     "ProximalInnerLoop", "ReferenceAverage", "StepMismatchError", "Topology", "algorithm_names", "algorithm_spec",
     "allreduce_hook", "build", "check_same_across_ranks", "compress_wrapper", "config_class", "ddp_buffer_sync_kwargs",
     "gossip_peers", "guard_bare_steps", "hparam", "make_topology", "min_steps", "pull_stability_bound", "random_matching",
@@ -54,5 +55,5 @@ __all__ = [
     "step_seed", "synchronize_weights", "unregister",
     # the components' and schedules' configs, to compose an algorithm's config from
     "AdaptivePeriodConfig", "ConsensusLogConfig", "ConstantPeriodConfig", "CouplingConfig", "ElasticConfig", "GossipConfig",
-    "NoiseConfig", "PeriodicConfig", "ProximalConfig", "Schedule", "ScopingConfig",
+    "NoiseConfig", "OuterConfig", "OverlapConfig", "PeriodicConfig", "ProximalConfig", "Schedule", "ScopingConfig",
 ]

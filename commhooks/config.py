@@ -10,10 +10,12 @@ from .algorithms import (
     ALGORITHMS,
     ADPSGDConfig,
     CPSGDConfig,
+    DiLoCoConfig,
     DPSGDConfig,
     EASGDConfig,
     EntropySGDConfig,
     ParleConfig,
+    SlowMoConfig,
     SSGDConfig,
     SSGDNoiseConfig,
 )
@@ -22,7 +24,7 @@ from .components.gossip import TOPOLOGIES
 from .registry import config_class, describe, hparam_docs, make_config
 
 __all__ = [
-    "ADPSGDConfig", "ALGORITHMS", "BUFFER_POLICIES", "CPSGDConfig", "CommonConfig", "ConfigBase", "DPSGDConfig",
-    "EASGDConfig", "EntropySGDConfig", "GRAD_COMPRESSIONS", "HParamDoc", "ParleConfig", "SSGDConfig", "SSGDNoiseConfig",
+    "ADPSGDConfig", "ALGORITHMS", "BUFFER_POLICIES", "CPSGDConfig", "CommonConfig", "ConfigBase", "DiLoCoConfig", "DPSGDConfig",
+    "EASGDConfig", "EntropySGDConfig", "GRAD_COMPRESSIONS", "HParamDoc", "ParleConfig", "SlowMoConfig", "SSGDConfig", "SSGDNoiseConfig",
     "TOPOLOGIES", "config_class", "describe", "hparam", "hparam_docs", "make_config",
 ]

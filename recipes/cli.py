@@ -425,6 +425,10 @@ RECIPE_DEFAULTS: dict[tuple[str, str], str] = {
     ("adpsgd", "warmup_steps"): "one epoch (a tenth of the run when an epoch is half of it)",
     ("adpsgd", "sample_steps"): "a quarter of the run",
     ("cpsgd", "log_every"): "--log-interval (about 10 per epoch)",
+    ("diloco", "period"): "8 (as cpsgd; the paper's 500 exceeds whole runs on small data sets)",
+    ("diloco", "log_every"): "--log-interval (about 10 per epoch)",
+    ("slowmo", "period"): "8 (as cpsgd; the library's 48 exceeds whole runs on small data sets)",
+    ("slowmo", "log_every"): "--log-interval (about 10 per epoch)",
     ("dpsgd", "log_every"): "--log-interval (about 10 per epoch)",
     ("easgd", "steps_per_epoch"): "the run's steps per epoch",
     ("entropysgd", "L"): f"{_PARLE_L} ({_SMALL_L} when an epoch has < {_MIN_OUTER_PER_EPOCH * _PARLE_L} steps)",
@@ -441,6 +445,7 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     - ssgd-noise: ``noise_std = 0.01``, the DPSGD paper's best-converging SSGD* (Section 4.3);
     - cpsgd: ``period = 8``, the constant period the ADPSGD paper compares against, and the
       consensus distance estimated at the first sync after every train log (``log_every``);
+      diloco and slowmo the same (their outer-optimizer defaults are the library's);
     - adpsgd: warm-up of one epoch and ``sample_steps`` a quarter of the run (ADPSGD, Section III);
     - dpsgd: the consensus distance estimated at every train log (``log_every``; a few
       kilobytes then, counted in ``measure_bytes``, not ``comm_bytes``) so that TensorBoard
@@ -453,7 +458,7 @@ def algo_defaults(algo: str, *, steps_per_epoch: int, total_steps: int, seed: in
     d: dict[str, Any] = {}
     if algo == "ssgd-noise":
         d = {"noise_std": 0.01}
-    elif algo == "cpsgd":
+    elif algo in ("cpsgd", "diloco", "slowmo"):
         d = {"period": 8, "log_every": log_interval or max(1, B // 10)}
     elif algo == "adpsgd":
         d = {"warmup_steps": B, "p_init": 4, "sample_steps": max(1, total_steps // 4)}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # One page per algorithm family: every algorithm is on one.
 PAGES = {"ssgd": "synchronous.md", "ssgd-noise": "synchronous.md", "cpsgd": "periodic.md",
-         "adpsgd": "periodic.md", "dpsgd": "gossip.md", "easgd": "elastic.md",
+         "adpsgd": "periodic.md", "diloco": "periodic.md", "slowmo": "periodic.md", "dpsgd": "gossip.md", "easgd": "elastic.md",
          "entropysgd": "parle.md", "parle": "parle.md"}
 # Documents that do not ship with the repository (design notes, paper collections).
 FORBIDDEN = re.compile(r"ALGORITHMS\.md|PITFALLS\.md|DESIGN\.md|\bshared/|\bseeds?[ /]0\d\d", re.IGNORECASE)

@@ -13,6 +13,7 @@ in order::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ class Context:
 
     ``guard`` checks, before each weight exchange, that every rank is at the same step (and,
     opt-in, that no weights are non-finite); components call ``guard.before_exchange``.
+    ``sync_hooks`` are called by a periodic synchronisation with the per-group parameter tensors
+    that hold the replicas' mean and the lr of the synchronisation step; a hook may replace the
+    mean in place before it is applied (an outer optimizer, ``commhooks.components.outer``).
     """
 
     weights: FlatWeights
@@ -38,6 +42,7 @@ class Context:
     grad_state: GradSyncState
     optimizer: torch.optim.Optimizer
     guard: ExchangeGuard = field(default_factory=ExchangeGuard)
+    sync_hooks: list[Callable[[list[torch.Tensor], float], None]] = field(default_factory=list)
 
     @property
     def lr(self) -> float:
