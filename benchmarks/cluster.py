@@ -285,9 +285,10 @@ def run_once(net: Cluster, spec: Spec, *, args: argparse.Namespace, rnd: int, in
 
 def _median(values: list[float | None]) -> float | None:
     """Median of the values, None if any is None (e.g. a round that never reached the target)."""
-    if not values or any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if not values or len(present) < len(values):
         return None
-    return float(statistics.median(values))
+    return float(statistics.median(present))
 
 
 def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
@@ -312,8 +313,8 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
         ssgd = next((s for s in rows if s["label"] == "ssgd" and s["nodes"] == row["nodes"]
                      and s["ranks_per_node"] == row["ranks_per_node"]
                      and s["rate_mbit"] == row["rate_mbit"]), None)
-        row["speedup_same_epochs"] = _ratio(ssgd and ssgd["train_s"], row["train_s"])
-        row["speedup_to_target"] = _ratio(ssgd and ssgd["time_to_target_s"], row["time_to_target_s"])
+        row["speedup_same_epochs"] = _ratio(ssgd["train_s"] if ssgd else None, row["train_s"])
+        row["speedup_to_target"] = _ratio(ssgd["time_to_target_s"] if ssgd else None, row["time_to_target_s"])
     return rows
 
 
@@ -378,7 +379,7 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path) -> str | None:
         return "no PNG: matplotlib is not installed (pip install 'commhooks[bench]')"
     panels = sorted({(r["nodes"], r["rate_mbit"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (nodes, rate) in zip(axes[0], panels):
+    for ax, (nodes, rate) in zip(axes[0], panels, strict=True):
         mine = [r for r in rows if (r["nodes"], r["rate_mbit"]) == (nodes, rate) and r.get("evals")
                 and r["label"] != LOCAL]  # the baseline's replicas never agree: not a training
         for i, row in enumerate(mine):
@@ -453,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                             if r.error:
                                 print(f"[cluster]   FAILED: {r.error}", file=sys.stderr, flush=True)
                             else:
+                                wire = r.wire_tx_bytes_per_node
                                 print(f"[cluster]   val acc {r.val_acc:.4f}, train {r.train_s:.1f} s, "
-                                      f"wire {r.wire_tx_bytes_per_node / 1e6:.1f} MB/node",
+                                      f"wire {'?' if wire is None else f'{wire / 1e6:.1f}'} MB/node",
                                       file=sys.stderr, flush=True)
                             runs.append(r)
                             _write(out, runs, meta, final=False)

@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+import commhooks
 
 
 def init() -> tuple[int, int]:
@@ -38,8 +41,10 @@ def init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def timed(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs, ranks aligned by a barrier each time."""
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs, ranks aligned by a barrier each time.
+
+    Whatever ``fn`` returns (a collective's work handle, say) is dropped."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -52,6 +57,13 @@ def timed(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
     t = torch.tensor([statistics.median(samples)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def ddp_without_buffer_sync(model: torch.nn.Module) -> DDP:
+    """``model`` in DDP without the forward broadcast of rank 0's buffers (which would overwrite
+    the replicas that every algorithm but SSGD keeps apart)."""
+    kwargs: dict[str, Any] = commhooks.ddp_buffer_sync_kwargs(False)  # the keyword's name depends on torch
+    return DDP(model, **kwargs)
 
 
 def say(*args: object) -> None:
@@ -121,7 +133,7 @@ class AllocationRecorder(TorchDispatchMode):
         self.sizes: list[int] = []
         self._paused = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self._paused:

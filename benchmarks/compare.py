@@ -18,8 +18,8 @@ import argparse
 import bisect
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from recipes.report import BY_IMAGES, BY_TIME
 

@@ -12,9 +12,12 @@ latency of one message, N = nodes x ranks per node ranks in a ring, c compute se
                          expected number of a node's ranks whose partner is on another node
   SSGD (DDP)             c (1-h) + max(c h, AR): the gradient all-reduce overlaps the share h of
                          the step that follows the first gradient bucket (the backward pass)
-  CPSGD, period p        c + AR / p (the average waits for the step)
+  CPSGD, period p        c + AR / p (the average waits for the step); with delay d (overlapped
+                         averaging) c + max(0, AR - d c) / p: the average hides behind d steps.
+                         DiLoCo and SlowMo as CPSGD (their outer step is local arithmetic)
   ADPSGD                 warm-up steps as SSGD, then c + AR / p_mean, p_mean its measured period
-                         (Jiang and Agrawal, "Adaptive Periodic Averaging", arXiv:2007.06134)
+                         (Jiang and Agrawal, "Adaptive Periodic Averaging", arXiv:2007.06134);
+                         with delay d, AR - d c in place of AR as for CPSGD
   DPSGD (random pairs)   c (1-h) + max(c h, X): the exchange starts at the first gradient bucket
                          (Lian et al., arXiv:1705.09056); the consensus estimate every log_every
                          steps moves kilobytes and is left out
@@ -133,14 +136,15 @@ def step_s(algo: str, *, compute_s: float, model_bytes: float, link: Link,
         return c
     if algo in SYNCHRONOUS:
         return ssgd
-    if algo == "cpsgd":
-        return c + ar / int(hp.get("period", 1))
+    exposed = max(0.0, ar - int(hp.get("delay", 0)) * c)  # what d overlapped steps leave of the average
+    if algo in ("cpsgd", "diloco", "slowmo"):
+        return c + exposed / int(hp.get("period", 1))
     if algo == "adpsgd":
         if mean_period is None or not mean_period > 0:
             raise ValueError(f"mean_period must be > 0 for adpsgd, got {mean_period}")
         if not 0 <= warmup_fraction <= 1:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
-        return warmup_fraction * ssgd + (1 - warmup_fraction) * (c + ar / mean_period)
+        return warmup_fraction * ssgd + (1 - warmup_fraction) * (c + exposed / mean_period)
     if algo == "dpsgd":
         return c * (1 - hide) + max(c * hide, pairwise_s(model_bytes, link))
     if algo == "easgd":

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 
-from .common import init, say, timed
+from .common import ddp_without_buffer_sync, init, say, timed
 from .sync_cost import make_model
 
 
@@ -39,10 +39,11 @@ def raw_exchange(tensor: torch.Tensor, inbox: list[torch.Tensor], receives_first
     peers = sorted({(rank - 1) % world, (rank + 1) % world} - {rank})
 
     def run() -> None:
-        recvs = [(dist.irecv, box, p) for box, p in zip(inbox, peers)]
+        recvs = [(dist.irecv, box, p) for box, p in zip(inbox, peers, strict=True)]
         sends = [(dist.isend, tensor, p) for p in peers]
         ops = recvs + sends if receives_first else sends + recvs
         for work in [op(t, p) for op, t, p in ops]:
+            assert work is not None  # None only on a rank outside the group
             work.wait()
     return run
 
@@ -57,8 +58,8 @@ def main() -> None:
     rank, world = init()
     x = torch.randn(args.batch, 3, 32, 32) if args.model == "resnet18" else torch.randn(args.batch, 1024)
 
-    def setup(name: str, **hp: object):
-        ddp = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
+    def setup(name: str, **hp: Any) -> tuple[commhooks.Algorithm, Callable[[], None]]:
+        ddp = ddp_without_buffer_sync(make_model(args.model))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
         algo = commhooks.build(name, ddp, opt, **hp)
 
@@ -71,7 +72,8 @@ def main() -> None:
     _, local = setup("cpsgd", period=10**9)       # local steps, never averaged
     _, overlap = setup("dpsgd", topology="ring")  # exchange from the hook, during backward
     blocking_algo, blocking = setup("dpsgd", topology="ring")
-    blocking_algo.ctx.grad_state.on_first_bucket = None  # step() starts it, then waits at once
+    gossip = next(c for c in blocking_algo.components if isinstance(c, commhooks.GossipMixing))
+    gossip.overlap_backward = False  # step() starts the exchange, then waits at once
     _, easgd = setup("easgd", rho=0.1, scoping=False)
     flat = torch.cat([s.reshape(-1) for s in blocking_algo.ctx.weights.comm_segments()])
     inbox = [torch.empty_like(flat) for _ in range(min(2, world - 1))]

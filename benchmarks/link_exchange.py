@@ -45,11 +45,10 @@ def _measure(numel: int, repeats: int) -> dict[str, float]:
     """Seconds of each method for ``numel`` float32 values (the slowest rank's median)."""
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import commhooks
 
-    from .common import timed
+    from .common import ddp_without_buffer_sync, timed
 
     rank = dist.get_rank()
     peer = 1 - rank
@@ -59,7 +58,7 @@ def _measure(numel: int, repeats: int) -> dict[str, float]:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(numel))
 
-    ddp = DDP(Flat(), **commhooks.ddp_buffer_sync_kwargs(False))
+    ddp = ddp_without_buffer_sync(Flat())
     # lr 0 and no gradients: the optimizer step changes nothing; step() is the exchange + mix.
     algo = commhooks.build("dpsgd", ddp, torch.optim.SGD(ddp.parameters(), lr=0.0),
                            topology="random-pair", log_every=0, seed=0)
@@ -71,6 +70,7 @@ def _measure(numel: int, repeats: int) -> dict[str, float]:
         else:
             works = [dist.isend(send, peer), dist.irecv(recv, peer)]
         for w in works:
+            assert w is not None  # None only on a rank outside the group
             w.wait()
 
     fns = {"gossip": algo.step, "recv-first": lambda: post(True), "send-first": lambda: post(False),

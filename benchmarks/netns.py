@@ -183,7 +183,7 @@ class Cluster:
         self._add_netns(self.hub)
         _must(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
         _must(["ip", "-n", self.hub, "link", "set", "br0", "up"])
-        for ns, port, addr in zip(self.names, self.hub_ports, self.addrs):
+        for ns, port, addr in zip(self.names, self.hub_ports, self.addrs, strict=True):
             self._add_netns(ns)
             _must(["ip", "-n", self.hub, "link", "add", port, "type", "veth",
                    "peer", "name", self.ifname, "netns", ns])

@@ -39,11 +39,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 
-from .common import AllocationRecorder, held_bytes, init, model_bytes, say
+from .common import AllocationRecorder, ddp_without_buffer_sync, held_bytes, init, model_bytes, say
 
 STEPS_PER_EPOCH = 100
 # The recipes' defaults (recipes.cli.algo_defaults) at 100 steps per epoch, with L = 5 and
@@ -87,7 +86,7 @@ class Runner:
     def __init__(self, label: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                  impl: ModuleType | None, name: str | None) -> None:
         self.label, self.x, self.y = label, x, y
-        self.ddp = DDP(model, **commhooks.ddp_buffer_sync_kwargs(False))
+        self.ddp = ddp_without_buffer_sync(model)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
         self.algo = None
         if impl is not None and name is not None:

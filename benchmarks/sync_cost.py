@@ -12,23 +12,24 @@ consensus distance with its scalar all-reduce, which only ADPSGD's controller ne
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks.averaging import synchronize_weights
-from commhooks.comm import replica_mean_
+from commhooks import replica_mean_, synchronize_weights
 
-from .common import init, say, timed
+from .common import ddp_without_buffer_sync, init, say, timed
 
 
 def make_model(name: str) -> torch.nn.Module:
     if name == "resnet18":
         import torchvision
 
-        return torchvision.models.resnet18(num_classes=10)
+        resnet: torch.nn.Module = torchvision.models.resnet18(num_classes=10)
+        return resnet
     return torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
 
 
@@ -50,7 +51,10 @@ def main() -> None:
         p.grad = torch.zeros_like(p)
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-    ddp = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
+    world_group = dist.group.WORLD
+    assert world_group is not None  # init() made the default group
+
+    ddp = ddp_without_buffer_sync(make_model(args.model))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
     algo = commhooks.build("cpsgd", ddp, opt, period=1, buffers="local")
     ctx = algo.ctx
@@ -61,7 +65,7 @@ def main() -> None:
         "commhooks CPSGD sync": lambda: synchronize_weights(ctx),
         "commhooks ADPSGD sync (+copy, +exact S)": lambda: synchronize_weights(ctx, scratch),
         "torch PeriodicModelAverager (average_parameters)":
-            lambda: average_parameters(iter(torch_model.parameters()), None),
+            lambda: average_parameters(iter(torch_model.parameters()), world_group),
     }
     # Interleaved rounds so that drifts of the machine hit all alike; the best round counts.
     best_sync = {label: float("inf") for label in syncs}
@@ -76,7 +80,7 @@ def main() -> None:
     # SSGD through our hook against plain DDP, a whole training step each.
     x = torch.randn(args.batch, 3, 32, 32) if args.model == "resnet18" else torch.randn(args.batch, 1024)
 
-    def step_fn(model: DDP, step: callable) -> callable:
+    def step_fn(model: DDP, step: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
             model.zero_grad(set_to_none=True)
             model(x).float().pow(2).mean().backward()
@@ -85,12 +89,12 @@ def main() -> None:
 
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    plain = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
+    plain = ddp_without_buffer_sync(make_model(args.model))
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
-    torch_hooked = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
+    torch_hooked = ddp_without_buffer_sync(make_model(args.model))
     torch_hooked.register_comm_hook(None, allreduce_hook)
     torch_opt = torch.optim.SGD(torch_hooked.parameters(), lr=0.01)
-    ours = DDP(make_model(args.model), **commhooks.ddp_buffer_sync_kwargs(False))
+    ours = ddp_without_buffer_sync(make_model(args.model))
     ours_opt = torch.optim.SGD(ours.parameters(), lr=0.01)
     ssgd = commhooks.build("ssgd", ours, ours_opt)
     runs = {

@@ -1,83 +1,33 @@
 """The object ``commhooks.build`` returns: an optimizer step wrapped by composable components.
 
-Every algorithm in docs/README.md is a short list of :class:`Component` s. One call of
-:meth:`Algorithm.step` is::
+Every algorithm in docs/README.md is a short list of :class:`~commhooks.ops.component.Component` s.
+One call of :meth:`Algorithm.step` is::
 
+    (in backward)  for c in components: c.backward_started(k)   # start weight exchanges
     for c in components: c.before_optimizer(k)   # mix weights, add pulls to gradients
     optimizer.step()                             # the user's OptStep
     for c in components: c.after_optimizer(k)    # average, add noise, outer steps
     k += 1
     for c in components: c.prepare(k)            # set up step k's backward (groups, prefetch)
+
+``Algorithm`` owns the step counter and the gradient hook's "backward started" signal: it is the
+only one that sets ``GradSyncState.on_backward``, and it dispatches it to the components.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .comm import CommMeter, Topology, replica_max_, replica_mean_
-from .consistency import check_same_across_ranks
-from .flat import FlatWeights
-from .grad_hooks import GradSyncState
-from .guards import ExchangeGuard
+from .base.comm import CommMeter, replica_max_, replica_mean_
+from .base.consistency import check_same_across_ranks
+from .ops.component import Component, Context
 from .optimizer import AlgorithmOptimizer, guard_bare_steps
-
-
-@dataclass(kw_only=True)
-class Context:
-    """What every component works on: weights, topology, meter, gradient hook state, optimizer.
-
-    ``guard`` checks, before each weight exchange, that every rank is at the same step (and,
-    opt-in, that no weights are non-finite); components call ``guard.before_exchange``.
-    """
-
-    weights: FlatWeights
-    topo: Topology
-    meter: CommMeter
-    grad_state: GradSyncState
-    optimizer: torch.optim.Optimizer
-    guard: ExchangeGuard = field(default_factory=ExchangeGuard)
-
-    @property
-    def lr(self) -> float:
-        """The optimizer's current learning rate (first param group), read when used."""
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    @property
-    def momentum(self) -> float:
-        return float(self.optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
-
-
-class Component:
-    """A step wrapper. Subclasses override what they need; every method defaults to nothing."""
-
-    def prepare(self, k: int) -> None:
-        """Called before step ``k``'s forward/backward (at build, after each step, after load)."""
-
-    def before_optimizer(self, k: int) -> None:
-        """Called in step ``k`` after backward, before the user's optimizer step."""
-
-    def after_optimizer(self, k: int) -> None:
-        """Called in step ``k`` right after the user's optimizer step."""
-
-    def consensus_params(self) -> list[torch.Tensor] | None:
-        """Per-group parameter values whose replica average is "the model" (default: the weights)."""
-        return None
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class Algorithm:
@@ -112,7 +62,7 @@ class Algorithm:
         self.hparams = hparams
         self.replicas_identical = replicas_identical or ctx.topo.num_replicas == 1
         self.k = 0
-        ctx.grad_state.on_backward = self._before_backward
+        ctx.grad_state.on_backward = self._backward_started
         self._prepare()
         # optimizer.py: a bare optimizer.step() outside step() raises; as_optimizer() wraps it.
         self._inside_step = False
@@ -127,14 +77,17 @@ class Algorithm:
     def replica_size(self) -> int:
         return self.ctx.topo.replica_size
 
-    def _before_backward(self) -> None:
+    def _backward_started(self) -> None:
         # DDP all-reduces inside backward (gradients, and the used-parameter map with
         # find_unused_parameters): check the step first, or a rank a step ahead blocks there
         # while the others wait in their next check.
         if self.ctx.grad_state.group is not None or self.model.find_unused_parameters:
             self.ctx.guard.before_backward(self.k)
+        for c in self.components:
+            c.backward_started(self.k)
 
     def _prepare(self) -> None:
+        self.ctx.grad_state.step = self.k
         for c in self.components:
             c.prepare(self.k)
 
@@ -208,7 +161,7 @@ class Algorithm:
                 for c in self.components:
                     values = c.consensus_params()
                     if values is not None:
-                        for seg, v in zip(weights.param_segments(), values):
+                        for seg, v in zip(weights.param_segments(), values, strict=True):
                             seg.copy_(v)
                 # Communication for evaluation is not the algorithm's: keep it out of the meter.
                 scratch = CommMeter()
@@ -250,7 +203,7 @@ class Algorithm:
             raise ValueError("state_dict: component list does not match this algorithm")
         check_same_across_ranks({"step": state["step"]}, device=self.ctx.weights.device)
         self.k = int(state["step"])
-        for c, s in zip(self.components, state["components"]):
+        for c, s in zip(self.components, state["components"], strict=True):
             c.load_state_dict(s)
         self._prepare()
         # Last: what _prepare() just restarted (a reference prefetch) was already counted

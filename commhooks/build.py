@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from dataclasses import asdict
 from datetime import timedelta
@@ -11,45 +10,44 @@ from datetime import timedelta
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .algorithm import Algorithm, Component, Context
-from .averaging import AdaptivePeriod, ConstantPeriod, GradientScope, PeriodicAveraging
-from .comm import CommMeter, make_topology
-from .config import ALGORITHMS, CommonConfig, make_config
-from .consistency import check_same_across_ranks
-from .elastic import ElasticPull
-from .entropy import ProximalInnerLoop
-from .flat import FlatWeights
-from .gossip import GossipMixing
-from .grad_hooks import GradSyncState, make_grad_hook
-from .guards import ExchangeGuard, warn_foot_guns
-from .noise import IsotropicNoise
+from .algorithm import Algorithm
+from .algorithms import ALGORITHMS
+from .base.comm import CommMeter, make_topology
+from .base.consistency import check_same_across_ranks
+from .base.flat import FlatWeights
+from .base.grad_hooks import GradSyncState, make_grad_hook
+from .base.guards import ExchangeGuard
+from .ops.component import Context
+from .registry import algorithm_spec, make_config
 
 # Algorithms whose rule keeps every replica identical: buffers broadcast by DDP are harmless.
-SYNCHRONOUS: tuple[str, ...] = ("ssgd", "ssgd-noise")
+SYNCHRONOUS: tuple[str, ...] = tuple(name for name in ALGORITHMS if algorithm_spec(name).replicas_identical)
 
 
 def ddp_buffer_sync_kwargs(enabled: bool) -> dict[str, bool]:
     """DDP's keyword for broadcasting rank 0's buffers at every forward, for this torch.
 
     ``broadcast_buffers`` was renamed ``forward_sync_buffers`` in torch 2.15. Pass
-    ``enabled=False`` for every algorithm that keeps replicas apart (not in ``SYNCHRONOUS``).
+    ``enabled=False`` for every algorithm that keeps replicas apart (its registry entry's
+    ``replicas_identical`` is False).
     """
     key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
     return {key: enabled}
 
 
 def resolve_replica_size(name: str, replica_size: int | None, world_size: int) -> int:
-    """The ranks per replica: ``None`` means 1, or the world size for ``entropysgd`` (one replica).
+    """The ranks per replica: ``None`` means 1, or the world size for a single-replica rule.
 
     Raises ``ValueError`` naming ``replica_size`` if it is not a positive divisor of the world
-    size, or not the world size for ``entropysgd``.
+    size, or not the world size for a single-replica rule (``entropysgd``).
     """
+    spec = algorithm_spec(name)
     if replica_size is None:
-        replica_size = world_size if name == "entropysgd" else 1
-    if name == "entropysgd" and replica_size != world_size:
+        replica_size = spec.default_replica_size(world_size)
+    if spec.single_replica and replica_size != world_size:
         raise ValueError(
-            f"replica_size must equal the world size ({world_size}) for 'entropysgd' (one replica), "
-            f"got {replica_size}; use 'parle' for several replicas"
+            f"replica_size must equal the world size ({world_size}) for {name!r} (one replica), "
+            f"got {replica_size}" + ("; use 'parle' for several replicas" if name == "entropysgd" else "")
         )
     if not isinstance(replica_size, int) or isinstance(replica_size, bool) or replica_size < 1:
         raise ValueError(f"replica_size must be a positive integer, got {replica_size!r}")
@@ -85,40 +83,6 @@ def _model_layout(model: DistributedDataParallel) -> list[tuple[str, str, tuple[
     return [(name, str(t.dtype), tuple(t.shape)) for name, t in named]
 
 
-def _components(name: str, cfg: CommonConfig, ctx: Context) -> list[Component]:
-    h = asdict(cfg)
-    if name in SYNCHRONOUS:
-        comps: list[Component] = [GradientScope(ctx, global_until=math.inf)]
-        if name == "ssgd-noise":
-            comps.append(IsotropicNoise(ctx, h["noise_std"], h["seed"]))
-        return comps
-    if name == "cpsgd":
-        schedule = ConstantPeriod(period=h["period"])
-    elif name == "adpsgd":
-        schedule = AdaptivePeriod(
-            period=h["p_init"], sample_steps=h["sample_steps"], low=h["low"], high=h["high"],
-            p_min=h["p_min"], p_max=h["p_max"],
-        )
-    if name in ("cpsgd", "adpsgd"):
-        w = h["warmup_steps"]
-        measure = h.get("log_every", 0)
-        return [GradientScope(ctx, global_until=w), PeriodicAveraging(ctx, schedule, w, measure)]
-    local = GradientScope(ctx, global_until=0)
-    if name == "dpsgd":
-        return [local, GossipMixing(ctx, h["topology"], h["seed"], h["log_every"])]
-    if name == "easgd":
-        return [local, ElasticPull(
-            ctx, rho=h["rho"], rho_max=h["rho_max"], period=h["period"],
-            steps_per_epoch=h["steps_per_epoch"], scoping=h["scoping"],
-        )]
-    assert name in ("entropysgd", "parle")
-    return [local, ProximalInnerLoop(
-        ctx, L=h["L"], alpha=h["alpha"], gamma=h["gamma"], gamma_max=h["gamma_max"],
-        rho=h.get("rho", 0.0), rho_max=h.get("rho_max", 0.0),
-        steps_per_epoch=h["steps_per_epoch"], scoping=h["scoping"],
-    )]
-
-
 def build(
     name: str,
     model: DistributedDataParallel,
@@ -141,7 +105,8 @@ def build(
     process groups and registers the DDP communication hook.
 
     Args:
-        name: one of ``commhooks.ALGORITHMS``.
+        name: a registered algorithm (``commhooks.algorithm_names()``: the built-ins of
+            ``commhooks.ALGORITHMS`` and any added with ``commhooks.register``).
         model: a ``DistributedDataParallel`` over the model; build it with
             ``broadcast_buffers=False`` for algorithms that keep replicas apart.
         optimizer: any ``torch.optim.Optimizer`` over ``model.parameters()``.
@@ -160,8 +125,7 @@ def build(
         **hparams: the algorithm's hyper-parameters, named as in docs/README.md
             (see ``commhooks.config_class(name)``).
     """
-    if name not in ALGORITHMS:
-        raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
+    spec = algorithm_spec(name)
     _check_model_and_optimizer(model, optimizer)
     cfg = make_config(name, hparams)
     for flag, value in (("check_steps", check_steps), ("check_finite", check_finite)):
@@ -169,17 +133,14 @@ def build(
             raise ValueError(f"{flag} must be True or False, got {value!r}")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     replica_size = resolve_replica_size(name, replica_size, world)
-    cfg.validate(world, replica_size)
-    if name == "cpsgd" and cfg.period == 1:  # type: ignore[attr-defined]
-        warnings.warn("cpsgd with period=1 is SSGD computed at higher cost: use 'ssgd'", stacklevel=2)
-    if name not in SYNCHRONOUS and world // replica_size > 1 and _syncs_buffers_in_forward(model):
+    if not spec.replicas_identical and world // replica_size > 1 and _syncs_buffers_in_forward(model):
         warnings.warn(
             f"{name}: the DDP model broadcasts rank 0's buffers at every forward, which replaces "
             "each replica's own BatchNorm statistics; construct DDP with broadcast_buffers=False "
             "(forward_sync_buffers=False from torch 2.15)",
             stacklevel=2,
         )
-    warn_foot_guns(name, asdict(cfg), optimizer, world // replica_size)
+    cfg.warn_foot_guns(name, optimizer, world // replica_size)
 
     # Before any group is created: ranks that disagree must fail here, not hang in new_group.
     device = next(model.module.parameters()).device
@@ -191,18 +152,19 @@ def build(
     topo = make_topology(replica_size, timeout)
     weights = FlatWeights(model.module, buffers=cfg.buffers)
     meter = CommMeter()
-    if name in SYNCHRONOUS or topo.num_replicas == 1:
+    if spec.replicas_identical or topo.num_replicas == 1:
         meter.record_distance(0.0, 0)  # identical replicas by construction: a true zero
     grad_state = GradSyncState(group=None, meter=meter)
-    guard = ExchangeGuard(topo.guard_group, weights, exchanges=topo.num_replicas > 1 and name not in SYNCHRONOUS, steps=check_steps, finite=check_finite)
+    exchanges = topo.num_replicas > 1 and not spec.replicas_identical
+    guard = ExchangeGuard(topo.guard_group, weights, exchanges=exchanges, steps=check_steps, finite=check_finite)
     ctx = Context(weights=weights, topo=topo, meter=meter, grad_state=grad_state, optimizer=optimizer, guard=guard)
-    components = _components(name, cfg, ctx)
-    model.register_comm_hook(grad_state, make_grad_hook(cfg.grad_compression))
+    components = spec.compose(cfg, ctx)
+    model.register_comm_hook(grad_state, make_grad_hook(cfg, model.module.parameters()))
     return Algorithm(
         name=name,
         model=model,
         ctx=ctx,
         components=components,
         hparams={"replica_size": replica_size, **asdict(cfg)},
-        replicas_identical=name in SYNCHRONOUS,
+        replicas_identical=spec.replicas_identical,
     )

@@ -96,12 +96,12 @@ class AlgorithmOptimizer(torch.optim.Optimizer):
     def __init__(self, algorithm: Algorithm) -> None:
         # Not Optimizer.__init__: it would rebuild param_groups and state instead of sharing them.
         self.algorithm = algorithm
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()  # this class's step() runs its own step hooks, as any optimizer's
         self._warned_capturable_if_run_uncaptured = True
 
@@ -112,7 +112,7 @@ class AlgorithmOptimizer(torch.optim.Optimizer):
 
     # Properties, not copies: the inner optimizer's load_state_dict replaces these objects.
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.inner.param_groups
 
     @param_groups.setter
@@ -120,7 +120,7 @@ class AlgorithmOptimizer(torch.optim.Optimizer):
         self.inner.param_groups = value
 
     @property
-    def state(self) -> defaultdict[torch.Tensor, Any]:  # type: ignore[override]
+    def state(self) -> defaultdict[torch.Tensor, Any]:
         return self.inner.state
 
     @state.setter
@@ -128,7 +128,7 @@ class AlgorithmOptimizer(torch.optim.Optimizer):
         self.inner.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.inner.defaults
 
     @defaults.setter
@@ -180,11 +180,11 @@ class AlgorithmOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The user's optimizer's ``state_dict`` (the algorithm's is ``algo.state_dict()``)."""
         return self.inner.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

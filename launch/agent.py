@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any, cast
 
 import torch.distributed.launcher.api as launcher_api
 from torch.distributed import TCPStore
@@ -83,7 +84,8 @@ def bound_connections_to(host: str, port: int, seconds: float) -> int:
     if not sys.platform.startswith("linux"):
         return 0
     try:
-        peers = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        # AF_INET/AF_INET6 socket addresses start with the address as text
+        peers = {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except OSError:
         return 0
     peers |= {f"::ffff:{a}" for a in peers if ":" not in a}  # IPv4 seen through an IPv6 socket
@@ -121,14 +123,14 @@ class FinalExitAgent(LocalElasticAgent):
     store_endpoint: tuple[str, int] | None = None
     store_give_up_s: float = 300.0
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # torchrun's own arguments, passed through
+        super().__init__(*args, **kwargs)
         # The rendezvous handler (and so its store connection) exists by now.
         if self.store_endpoint is not None:
             bound_connections_to(*self.store_endpoint, self.store_give_up_s)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
-        result = super()._monitor_workers(worker_group)
+        result: RunResult = super()._monitor_workers(worker_group)
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             final = final_failure(result.failures)
             if final is not None and self._remaining_restarts > 0:
@@ -151,14 +153,16 @@ def final_exit_agent(
         store_endpoint: (host, port) of a rendezvous store on another node, or None.
         store_give_up_s: how long the agent's connections to it may stay unanswered.
     """
-    agent = type("FinalExitAgent", (FinalExitAgent,),
-                 {"store_endpoint": store_endpoint, "store_give_up_s": store_give_up_s})
+    agent = cast("type[FinalExitAgent]", type("FinalExitAgent", (FinalExitAgent,),
+                                              {"store_endpoint": store_endpoint, "store_give_up_s": store_give_up_s}))
     original = launcher_api.LocalElasticAgent
+    # mypy forbids assigning to a class name ("Cannot assign to a type"); swapping torchrun's
+    # agent class is the point here (launch_agent takes no factory).
     launcher_api.LocalElasticAgent = agent  # type: ignore[misc]
     try:
         yield
     finally:
-        launcher_api.LocalElasticAgent = original  # type: ignore[misc]
+        launcher_api.LocalElasticAgent = original  # type: ignore[misc]  # as above
 
 
 class _LoopbackC10dBackend(C10dRendezvousBackend):
@@ -174,6 +178,7 @@ def _create_loopback_handler(params: RendezvousParameters) -> RendezvousHandler:
     # The socket is bound and listening before the store takes it over (master_listen_fd).
     server = socket.create_server((host, port), backlog=128)
     read_timeout = params.get_as_int("read_timeout", 60)
+    assert read_timeout is not None  # None only without a default
     store = TCPStore(
         host, server.getsockname()[1], is_master=True, wait_for_workers=False,
         timeout=timedelta(seconds=read_timeout), master_listen_fd=server.detach(),

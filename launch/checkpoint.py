@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from commhooks.consistency import rank_min
+from commhooks import rank_min
 
 from .finite import NonFiniteError, named_tensors, nonfinite
 from .runtime import Runtime
@@ -93,7 +93,9 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def _rng_state() -> dict[str, Any]:
     # NumPy's state holds an ndarray: stored as a tensor, it loads without allow-listing NumPy.
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # a dict only for bit generators other than the global MT19937
+    name, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
@@ -134,8 +136,10 @@ def _check_plain(obj: Any, where: str, allowed: tuple[type, ...]) -> None:
         )
 
 
-def _load(path: Path, safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
-    """Read a checkpoint file with weights-only unpickling: data only, never code."""
+def _load(path: Path, safe_globals: Iterable[Any] = ()) -> Any:
+    """Read a checkpoint file with weights-only unpickling: data only, never code.
+
+    Whatever the file holds comes back (`Checkpointer` writes dicts; `_try_load` checks)."""
     with torch.serialization.safe_globals(list(safe_globals)):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -400,11 +404,11 @@ class Checkpointer:
             step, world_size = -1, 0
             while entries:  # rank 0: the next complete step; incomplete newer ones are reported
                 s, p = entries.pop(0)
-                ws, why = self._completeness(p)
+                ws, incomplete = self._completeness(p)
                 if ws is not None:
                     step, world_size = s, ws
                     break
-                self._say(f"skipping {p.name}: {why}")
+                self._say(f"skipping {p.name}: {incomplete}")
             step, world_size = self._broadcast_ints([step, world_size])
             if step < 0:
                 if tried:
@@ -482,9 +486,10 @@ class Resume:
         return self._average
 
     @property
-    def extra(self) -> dict:
+    def extra(self) -> dict[str, Any]:
         """The `extra` passed to `save` (rank 0's when resized)."""
-        return (self._average_state() if self.resized else self._own_state())["extra"]
+        extra: dict[str, Any] = (self._average_state() if self.resized else self._own_state())["extra"]
+        return extra
 
     def load_model(self, model: torch.nn.Module) -> None:
         """Load the weights: this rank's own, or the replica average when resized.

@@ -39,9 +39,9 @@ def exit_final_codes_at_once(run: Callable[[], object]) -> None:
     try:
         run()
     except SystemExit as stop:
-        if stop.code not in NO_RESTART:
+        code = stop.code
+        if not isinstance(code, int) or code not in NO_RESTART:
             raise
-        code = int(stop.code)  # type: ignore[arg-type]  # NO_RESTART's keys are ints
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

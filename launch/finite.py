@@ -13,7 +13,7 @@ import torch
 
 # One class for a diverged run, the library's: a NaN found by `algo.check_finite()` or
 # `build(check_finite=True)` then ends a recipe exactly like one found in a checkpoint.
-from commhooks.guards import NonFiniteError
+from commhooks import NonFiniteError
 
 __all__ = ["NonFiniteError", "named_tensors", "nonfinite"]
 
@@ -46,6 +46,6 @@ def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     for names, flags in by_device.values():
         ok = torch.stack(flags)
         if not bool(ok.all()):  # the one synchronisation per device
-            bad += [n for n, good in zip(names, ok.tolist()) if not good]
+            bad += [n for n, good in zip(names, ok.tolist(), strict=True) if not good]
     return bad
 

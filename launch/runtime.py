@@ -17,15 +17,16 @@ import os
 import random
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, get_error_handler, record
 
 import commhooks
 
@@ -71,31 +72,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _install_error_recorder() -> None:
-    """Write uncaught exceptions to torchrun's error file, as `@record` on main would.
+class _ErrorRecordingHook:
+    """A `sys.excepthook` that writes the exception to torchrun's error file, then calls the
+    hook it replaced."""
 
-    The agent then shows the failing rank's real exception in its summary instead of just an exit
-    code. Scripts that already decorate their main with `record` get the same file twice; harmless.
-    """
-    if getattr(sys.excepthook, "_launch_recorder", False):
-        return  # already installed by an earlier init_distributed in this process
-    handler = get_error_handler()
-    handler.initialize()  # faulthandler: tracebacks of all threads on a fatal signal
-    previous = sys.excepthook
+    def __init__(self, handler: ErrorHandler, previous: Callable[[type[BaseException], BaseException, TracebackType | None], Any]) -> None:
+        self.handler = handler
+        self.previous = previous
 
-    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    def __call__(self, kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             try:
                 # record_exception formats the *current* exception (traceback.format_exc), which
                 # is empty inside an excepthook; re-raising makes it current again.
                 raise exc.with_traceback(tb)
             except BaseException as current:  # noqa: BLE001 - re-raised exception
-                handler.record_exception(current)
+                self.handler.record_exception(current)
             exc.__traceback__ = tb  # show the user's traceback, without this hook's frame
-        previous(kind, exc, tb)
+        self.previous(kind, exc, tb)
 
-    hook._launch_recorder = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
+
+def _install_error_recorder() -> None:
+    """Write uncaught exceptions to torchrun's error file, as `@record` on main would.
+
+    The agent then shows the failing rank's real exception in its summary instead of just an exit
+    code. Scripts that already decorate their main with `record` get the same file twice; harmless.
+    """
+    if isinstance(sys.excepthook, _ErrorRecordingHook):
+        return  # already installed by an earlier init_distributed in this process
+    handler = get_error_handler()
+    handler.initialize()  # faulthandler: tracebacks of all threads on a fatal signal
+    sys.excepthook = _ErrorRecordingHook(handler, sys.excepthook)
 
 
 def _env_int(name: str, default: int) -> int:

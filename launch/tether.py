@@ -43,7 +43,8 @@ def _set_parent_death_signal(sig: int) -> bool:
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+        status: int = libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        return status == 0
     except (OSError, AttributeError):
         return False
 

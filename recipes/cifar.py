@@ -14,9 +14,11 @@ from recipes.cli import DatasetDefaults, Recipe
 from recipes.data import Dataset, load_cifar, load_synthetic
 from recipes.train import main
 
-# Parle 4.3 / WRN: lr 0.1, batch 128, weight decay 5e-4, x0.2 at 60/120/160 of 200 epochs
-_CIFAR = dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, milestones=(0.3, 0.6, 0.8),
-              lr_decay=0.2, weight_decay=5e-4)
+
+def _cifar_defaults() -> DatasetDefaults:
+    """Parle 4.3 / WRN: lr 0.1, batch 128, weight decay 5e-4, x0.2 at 60/120/160 of 200 epochs."""
+    return DatasetDefaults(model="resnet18", epochs=200, batch_size=128, lr=0.1, milestones=(0.3, 0.6, 0.8),
+                           lr_decay=0.2, weight_decay=5e-4)
 
 
 def load(args: argparse.Namespace) -> Dataset:
@@ -29,8 +31,8 @@ RECIPE = Recipe(
     name="cifar",
     description="CIFAR-10/100 with ResNet-18, WRN-28-10, WRN-16-4 or All-CNN, any commhooks algorithm.",
     datasets={
-        "cifar10": DatasetDefaults(**_CIFAR),
-        "cifar100": DatasetDefaults(**_CIFAR),
+        "cifar10": _cifar_defaults(),
+        "cifar100": _cifar_defaults(),
         # smoke runs: a narrow ResNet-18, two short epochs
         "synthetic": DatasetDefaults(model="resnet18", epochs=2, batch_size=32, lr=0.05,
                                      milestones=(), lr_decay=0.2, weight_decay=5e-4, width=0.125,

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import math
 import os
 import re
+import sys
 import time
 import types
 import typing
@@ -109,7 +111,7 @@ def _converter(tp: Any, default: Any, choices: tuple | None = None
 def hparam_fields() -> dict[str, list[tuple[str, dataclasses.Field, Any]]]:
     """field name -> [(algorithm, field, resolved type)] over every algorithm."""
     out: dict[str, list] = {}
-    for algo in commhooks.ALGORITHMS:
+    for algo in commhooks.algorithm_names():
         cls = commhooks.config_class(algo)
         try:
             hints = typing.get_type_hints(cls)
@@ -140,7 +142,7 @@ def _hparam_help(uses: list[tuple[str, HParamDoc]]) -> str:
         paragraphs.setdefault((doc.help, doc.valid), []).append(algo)
     lines = []
     for (meaning, valid), algos in paragraphs.items():
-        every = len(algos) == len(commhooks.ALGORITHMS)
+        every = len(algos) == len(commhooks.algorithm_names())
         defaults = {default_text(a, doc) for a, doc in uses if a in algos}
         if len(defaults) == 1:
             default = f"default {defaults.pop()}"
@@ -157,7 +159,7 @@ def _add_hparam_flags(parser: argparse.ArgumentParser) -> None:
         "algorithm hyper-parameters",
         "The update rules and papers: docs/README.md. Unset flags take the recipe's default, else "
         "the library's; the values in use are printed at start.")
-    docs = {(algo, doc.name): doc for algo in commhooks.ALGORITHMS for doc in hparam_docs(algo)}
+    docs = {(algo, doc.name): doc for algo in commhooks.algorithm_names() for doc in hparam_docs(algo)}
     for name, fields_ in sorted(hparam_fields().items(), key=lambda kv: kv[0].lower()):
         if name in _SHARED:
             continue
@@ -252,7 +254,7 @@ def _dataset_help(recipe: Recipe) -> str:
 
 
 def _algorithms_epilog() -> str:
-    return "algorithms (--algo):\n" + "\n".join(f"  {a:<11} {describe(a)}" for a in commhooks.ALGORITHMS)
+    return "algorithms (--algo):\n" + "\n".join(f"  {a:<11} {describe(a)}" for a in commhooks.algorithm_names())
 
 
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -278,11 +280,15 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--data-policy", choices=POLICIES, default=None,
                    help="shard = every rank a disjoint 1/W of each epoch; replica = every replica the "
                         "whole set in its own order; split = one fixed part per replica. Default "
-                        "replica for easgd and parle (the Parle paper's setting), shard otherwise")
+                        f"replica for {' and '.join(_full_data_algorithms())} (their paper's setting), "
+                        "shard otherwise")
 
     t = p.add_argument_group("training")
-    t.add_argument("--algo", choices=commhooks.ALGORITHMS, default="ssgd",
+    t.add_argument("--algo", choices=commhooks.algorithm_names(), default="ssgd",
                    help="the algorithm (listed below; docs/README.md). Default ssgd")
+    t.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): the algorithms it registers with "
+                        "commhooks.register become --algo choices (docs/usage.md)")
     t.add_argument("--epochs", type=int, default=None, help="default per data set (below)")
     t.add_argument("--batch-size", type=int, default=None, help="per rank (default per data set)")
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (default per data set)")
@@ -322,8 +328,30 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     return p
 
 
+def _full_data_algorithms() -> list[str]:
+    """The algorithms whose paper gives every replica the whole data set (the recipes follow it)."""
+    return [a for a in commhooks.algorithm_names() if commhooks.algorithm_spec(a).full_data_per_replica]
+
+
+def import_plugins(recipe: Recipe, argv: Sequence[str]) -> list[str]:
+    """Import every ``--plugin MODULE`` of ``argv`` (before the parser is built, so that the
+    algorithms a plugin registers with ``commhooks.register`` are ``--algo`` choices).
+
+    Exits with the usage code, naming the module, when one cannot be imported.
+    """
+    names = [v for flag, v in zip(argv, argv[1:], strict=False) if flag == "--plugin"]
+    names += [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # any failure of the user's module is a usage error here
+            _Parser(prog=f"python -m recipes.{recipe.name}").error(f"--plugin: cannot import {name!r}: {type(err).__name__}: {err}")
+    return names
+
+
 def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse, fill the data set's defaults, and reject hyper-parameters the algorithm lacks."""
+    import_plugins(recipe, list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(recipe)
     args = parser.parse_args(argv)
     d = recipe.datasets[args.dataset]
@@ -341,7 +369,7 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Na
     if args.nesterov and args.momentum == 0:
         parser.error("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
     if args.data_policy is None:
-        args.data_policy = "replica" if args.algo in ("easgd", "parle") else "shard"
+        args.data_policy = "replica" if commhooks.algorithm_spec(args.algo).full_data_per_replica else "shard"
     takes = {f.name for f in dataclasses.fields(commhooks.config_class(args.algo))}
     foreign = [n for n, uses in hparam_fields().items()
                if n not in _SHARED and n not in takes and getattr(args, n, None) is not None]
@@ -446,9 +474,15 @@ def _warmup_one_epoch(run: RunShape, library: Any) -> Choice:
                     f"epoch of SSGD would be half of it")
 
 
-# The recipe's defaults, by config field: only values derived from the run (the library's own
-# defaults are the papers' settings, and a change there is never overridden here). --help and
-# docs/recipes.md describe them with `text`; resolve_hparams notes each adaptation by field.
+def _cpsgd_period(run: RunShape, library: Any) -> Choice:
+    """CPSGD's library period: DiLoCo's 500 and SlowMo's 48 local steps exceed whole runs on small data sets."""
+    return next(f.default for f in dataclasses.fields(commhooks.config_class("cpsgd")) if f.name == "period"), None
+
+
+# The recipe's defaults, by config field: values derived from the run, and CPSGD's period for
+# DiLoCo and SlowMo; never a restated library default (those are the papers' settings, and a
+# change there is never overridden here). --help and docs/recipes.md describe them with `text`;
+# resolve_hparams notes each adaptation by field.
 RECIPE_DEFAULTS: dict[str, RunDefault] = {
     "steps_per_epoch": RunDefault(text="the run's steps per epoch", choose=lambda run, _: (run.steps_per_epoch, None)),
     "log_every": RunDefault(text="--log-interval (about 10 per epoch)", choose=lambda run, _: (run.log_every, None)),
@@ -459,6 +493,8 @@ RECIPE_DEFAULTS: dict[str, RunDefault] = {
                                choose=_warmup_one_epoch, only=("adpsgd",)),
     "L": RunDefault(text=f"the library's, or {_SMALL_L} when an epoch has fewer than {_MIN_OUTER_PER_EPOCH} x L steps",
                     choose=_small_data_L),
+    "period": RunDefault(text="cpsgd's (the library's exceeds whole runs on small data sets)", choose=_cpsgd_period,
+                         only=("diloco", "slowmo")),
 }
 
 
@@ -536,7 +572,7 @@ def hparam_markdown(algo: str, *, common: bool = False) -> str:
     documentation (tests/test_docs.py checks that the pages hold exactly this table).
 
     Args:
-        algo: a name from ``commhooks.ALGORITHMS``.
+        algo: a name from ``commhooks.algorithm_names()``.
         common: the options every algorithm takes (buffers, ...) instead of ``algo``'s own.
     """
     shared = {f.name for f in dataclasses.fields(CommonConfig)}

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import urllib.error
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ class Dataset:
     def in_channels(self) -> int:
         return self.train_x.shape[1]
 
-    def to(self, device: torch.device) -> "Dataset":
+    def to(self, device: torch.device) -> Dataset:
         for k in ("train_x", "train_y", "val_x", "val_y", "mean", "std"):
             setattr(self, k, getattr(self, k).to(device))
         return self
@@ -129,7 +130,7 @@ def load_cifar(name: Literal["cifar10", "cifar100"], data_dir: str, download: bo
                  augment=True, note=note)
 
 
-def _without_md5(base: type) -> type:
+def _without_md5(base: type[Any]) -> type[Any]:
     """A subclass of a torchvision CIFAR class whose integrity check asks only that files exist.
 
     torchvision's ``check_integrity(path, md5=None)`` is exactly "the file exists"; we keep its

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,8 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        logits: torch.Tensor = self.classifier(self.features(x))  # a module call is typed Any
+        return logits
 
 
 class _BasicBlock(nn.Module):
@@ -81,7 +82,8 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+        return logits
 
 
 class _WideBlock(nn.Module):
@@ -99,9 +101,9 @@ class _WideBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(x))
         # the projection shortcut reads the pre-activated input, as in the WRN reference code
-        short = x if self.shortcut is None else self.shortcut(o)
-        o = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(o)))))
-        return o + short
+        short: torch.Tensor = x if self.shortcut is None else self.shortcut(o)
+        residual: torch.Tensor = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(o)))))
+        return residual + short
 
 
 class WideResNet(nn.Module):
@@ -126,7 +128,8 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn(self.blocks(self.conv(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(o, 1), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(o, 1), 1))
+        return logits
 
 
 class AllCNN(nn.Module):
@@ -152,7 +155,8 @@ class AllCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        logits: torch.Tensor = self.net(x)
+        return logits
 
 
 # name -> factory(in_channels, num_classes, width); the recipes choose among these by --model

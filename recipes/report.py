@@ -20,15 +20,13 @@ import sys
 import time
 from typing import Any
 
-# ``algo.stats()`` keys -> TensorBoard tags; algorithm-specific keys are filed under the paper
-# that defines them (ADPSGD's period, Parle's gamma and rho) and otherwise under the algorithm.
+# ``algo.stats()`` keys every algorithm reports -> TensorBoard tags; a key of the algorithm's own
+# components (ADPSGD's period, Parle's gamma and rho) is filed under the algorithm's name.
 _STAT_TAGS = {
     "comm_bytes": "comm/bytes",
     "syncs": "comm/syncs",
     "comm_seconds": "comm/seconds",
     "consensus_distance": "consensus/distance",
-    "period": "adpsgd/period",
-    "gamma": "parle/gamma",
 }
 
 
@@ -39,11 +37,9 @@ BY_TIME = "by_time/"  # step = whole seconds since the run started (resumes incl
 
 
 def stat_tag(algo: str, key: str) -> str:
-    if key in _STAT_TAGS and not (key == "period" and algo != "adpsgd"):
-        return _STAT_TAGS[key]
-    if key == "rho" and algo in ("parle", "entropysgd"):
-        return "parle/rho"
-    return f"{algo}/{key}"
+    """The TensorBoard tag of ``algo.stats()[key]``: shared figures under ``comm/`` and
+    ``consensus/``, the algorithm's own under ``{algo}/``."""
+    return _STAT_TAGS.get(key, f"{algo}/{key}")
 
 
 def run_figures(algo: str, stats: dict[str, Any], lr: float) -> dict[str, Any]:
@@ -108,8 +104,7 @@ class Reporter:
             os.makedirs(logdir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=logdir)
         if self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -122,7 +117,7 @@ class Reporter:
     # -- console -----------------------------------------------------------------------------
 
     def print(self, *lines: str) -> None:
-        if self.enabled:
+        if self.console is not None:  # rank 0 only
             for line in lines:
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -147,7 +142,7 @@ class Reporter:
 
     def line(self, text: str) -> None:
         """A periodic status line: above the live bar on a terminal, plain text elsewhere."""
-        if self.enabled:
+        if self.console is not None:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     # -- TensorBoard -------------------------------------------------------------------------
@@ -185,13 +180,15 @@ class Reporter:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         table = "| name | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in clean.items())
         self.writer.add_text("hparams", table, 0)
+        file_writer = self.writer.file_writer  # created by add_text above
         for summary in hparams_summary(clean, dict(metrics)):
-            self.writer.file_writer.add_summary(summary)
+            if file_writer is not None:
+                file_writer.add_summary(summary)
 
     # -- the end -----------------------------------------------------------------------------
 
     def summary(self, title: str, rows: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.console is None:
             return
         if self._progress is not None:
             self._progress.stop()

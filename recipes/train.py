@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks.consistency import rank_min
+from commhooks import rank_min
 from launch.checkpoint import Checkpointer, Resume
 from launch.exitcodes import EXIT_DIVERGED, EXIT_USAGE
 from launch.finite import NonFiniteError, named_tensors, nonfinite
@@ -317,7 +317,7 @@ def setup(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> Run:
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP checks too)
     model = build_model(args.model, data.in_channels, data.num_classes, args.width).to(rt.device)
-    ddp = wrap_ddp(model, rt, sync_buffers=args.algo in commhooks.SYNCHRONOUS)
+    ddp = wrap_ddp(model, rt, sync_buffers=commhooks.algorithm_spec(args.algo).replicas_identical)
     ckpt = Checkpointer(args.checkpoint_dir, rt, keep=2) if args.checkpoint_dir else None
     resume = ckpt.latest() if ckpt else None
     if resume:

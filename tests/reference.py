@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
-from commhooks.noise import step_seed
+from commhooks import step_seed
 
 OPT: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
 
@@ -108,6 +108,7 @@ class Simulation:
         self.models = [make_model() for _ in range(self.n)]
         self.opts = [torch.optim.SGD(mod.parameters(), **opt) for mod in self.models]
         self.lr, self.mu = opt["lr"], opt.get("momentum", 0.0)
+        self.consensus: list[torch.Tensor] | None = None  # set by simulate() for periodic averaging
 
     def x(self, a: int) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.models[a].parameters()]
@@ -183,9 +184,28 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
     def scoped(coef, cap, clock):
         return coef if q is None else min(cap, coef * q ** (-clock))
 
-    # State of ADPSGD / CPSGD
-    c, p = 0, hp.get("p_init", hp.get("period"))
+    # State of ADPSGD / CPSGD (and DiLoCo / SlowMo, CPSGD with an outer optimizer)
+    c = 0
+    p: Any = hp.get("p_init", hp.get("period", OUTER_PERIODS.get(name)))  # None for the other rules
     c2_samples: list[float] = []
+    delay = hp.get("delay", 0)
+    pending = None  # an overlapped average in flight: {"k", "lr", "xs"}
+    has_outer = name in OUTER_DEFAULTS or hp.get("outer_lr", 1.0) != 1.0 or hp.get("outer_momentum", 0.0) != 0.0
+    outer = OuterRule(name, hp, sim.x(0)) if has_outer else None
+
+    def control(S: float, lr: float, k: int) -> None:
+        """ADPSGD's controller, step 4 of its rule (docs/periodic.md)."""
+        nonlocal p
+        if k < hp["sample_steps"] or not c2_samples:
+            c2_samples.append(S / lr)
+        else:
+            C2 = sum(c2_samples) / len(c2_samples)
+            if S < hp.get("low", 0.7) * lr * C2:
+                p += 1
+            elif S > hp.get("high", 1.3) * lr * C2:
+                p = max(hp.get("p_min", 1), p - 1)
+            if hp.get("p_max") is not None:
+                p = min(p, hp["p_max"])
     # State of Parle
     anchors = [sim.x(a) for a in range(n)]
     zs = [sim.x(a) for a in range(n)]
@@ -206,31 +226,41 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
                     sizes = [t.numel() for t in sim.x(a)]
                     sim.set_x(a, [xi + hp["noise_std"] * ni.view_as(xi)
                                   for xi, ni in zip(sim.x(a), noise.split(sizes), strict=True)])
-        elif name in ("cpsgd", "adpsgd"):
+        elif name in PERIODIC:
             w = hp.get("warmup_steps", 0)
             if k < w:
                 g = sim.global_grad(k)
                 for a in range(n):
                     sim.opt_step(a, sim.x(a), g)
+                if k + 1 == w and outer is not None:
+                    outer.g = sim.x(0)  # the local phase starts from the (identical) replicas
             else:
                 for a in range(n):
                     sim.opt_step(a, sim.x(a), sim.grad(a, k))
                 c += 1
-                if c == p:
-                    S = sim.average()
-                    c = 0
+                if pending is not None and k == pending["k"] + delay:
+                    # Overlapped averaging: x_a <- x_a + (T - x_s,a), T the (outer-stepped) mean.
+                    xs = pending["xs"]
+                    mean = sim_mean(xs)
+                    S = sum(float(sum(((m - xi) ** 2).sum() for m, xi in zip(mean, xs[a], strict=True))) for a in range(n)) / n
+                    target = outer.step(mean, pending["lr"]) if outer is not None else mean
+                    for a in range(n):
+                        sim.set_x(a, [xi + (t - si) for xi, t, si in zip(sim.x(a), target, xs[a], strict=True)])
                     if name == "adpsgd":
-                        lr = sim.lr
-                        if k < hp["sample_steps"] or not c2_samples:
-                            c2_samples.append(S / lr)
-                        else:
-                            C2 = sum(c2_samples) / len(c2_samples)
-                            if S < hp.get("low", 0.7) * lr * C2:
-                                p += 1
-                            elif S > hp.get("high", 1.3) * lr * C2:
-                                p = max(hp.get("p_min", 1), p - 1)
-                            if hp.get("p_max") is not None:
-                                p = min(p, hp["p_max"])
+                        control(S, pending["lr"], pending["k"])
+                    pending = None
+                if c == p:
+                    c = 0
+                    if delay:
+                        pending = {"k": k, "lr": sim.lr, "xs": [sim.x(a) for a in range(n)]}
+                    else:
+                        S = sim.average()
+                        if outer is not None:
+                            target = outer.step(sim.x(0), sim.lr)
+                            for a in range(n):
+                                sim.set_x(a, target)
+                        if name == "adpsgd":
+                            control(S, sim.lr, k)
             trace.append(p if name == "adpsgd" else None)
         elif name == "dpsgd":
             xs = [sim.x(a) for a in range(n)]
@@ -282,7 +312,46 @@ def simulate(name: str, hp: dict, world: int, replica_size: int, steps: int,
                     zs[a] = [x.clone() for x in anchors[a]]
         else:
             raise AssertionError(name)
+    if name in PERIODIC:
+        # The model consensus() shows: the replicas' mean, with a correction still pending applied.
+        if pending is None:
+            sim.consensus = sim.mean_x()
+        else:
+            target = outer.step(sim_mean(pending["xs"]), pending["lr"]) if outer is not None else sim_mean(pending["xs"])
+            sim.consensus = sim_mean([[xi + (t - si) for xi, t, si in zip(sim.x(a), target, pending["xs"][a], strict=True)]
+                                      for a in range(n)])
     return sim, trace
+
+
+PERIODIC = ("cpsgd", "adpsgd", "diloco", "slowmo")
+# The library's defaults of the named outer optimizers: (period, outer_lr, outer_momentum, outer_nesterov).
+OUTER_DEFAULTS = {"diloco": (500, 0.7, 0.9, True), "slowmo": (48, 1.0, 0.5, False)}
+OUTER_PERIODS = {name: d[0] for name, d in OUTER_DEFAULTS.items()}
+
+
+class OuterRule:
+    """The outer optimizer of docs/periodic.md, written from the rule: ``g`` the global weights.
+
+    DiLoCo: ``Δ = g - M``; ``m = μ m + Δ``; ``g = g - η (Δ + μ m)`` (Nesterov) or ``g - η m``.
+    SlowMo: ``u = β u + Δ / γ``; ``g = g - α γ u`` (``γ`` the inner lr at the synchronisation).
+    """
+
+    def __init__(self, name: str, hp: dict, x0: list[torch.Tensor]):
+        _, lr, mu, nesterov = OUTER_DEFAULTS.get(name, (None, 1.0, 0.0, False))
+        self.lr, self.mu = hp.get("outer_lr", lr), hp.get("outer_momentum", mu)
+        self.nesterov, self.normalize = hp.get("outer_nesterov", nesterov), name == "slowmo"
+        self.g = [t.clone() for t in x0]
+        self.m = [torch.zeros_like(t) for t in x0]
+
+    def step(self, mean: list[torch.Tensor], inner_lr: float) -> list[torch.Tensor]:
+        s = inner_lr if self.normalize else 1.0
+        delta = [g - m for g, m in zip(self.g, mean, strict=True)]
+        self.m = [self.mu * m + d / s for m, d in zip(self.m, delta, strict=True)]
+        if self.nesterov:
+            self.g = [g - self.lr * s * (d / s + self.mu * m) for g, d, m in zip(self.g, delta, self.m, strict=True)]
+        else:
+            self.g = [g - self.lr * s * m for g, m in zip(self.g, self.m, strict=True)]
+        return [g.clone() for g in self.g]
 
 
 def sim_mean(xs: list[list[torch.Tensor]]) -> list[torch.Tensor]:

@@ -55,6 +55,8 @@ def test_every_algorithm_flag_has_its_meaning_and_choices(help_text):
             continue
         block = _entry(help_text, "--" + name.replace("_", "-"))
         for algo, field, _ in uses:
+            if algo not in commhooks.ALGORITHMS:  # registered in this process only (tests/toy_algorithm.py)
+                continue
             assert _squash(field.metadata["help"]) in block, (name, algo)
             assert _squash(field.metadata["valid"]) in block, (name, algo)
             assert algo in block or "everyalgorithm" in block, (name, algo)
@@ -97,12 +99,12 @@ def test_choices_are_available_and_still_validated():
     docs = {d.name: d for d in config.hparam_docs("dpsgd")}
     assert docs["topology"].choices == config.TOPOLOGIES == ("random-pair", "ring", "all")
     assert docs["buffers"].choices == config.BUFFER_POLICIES
-    assert docs["grad_compression"].choices == config.GRAD_COMPRESSIONS == (None, "fp16", "bf16")
+    assert docs["grad_compression"].choices == config.GRAD_COMPRESSIONS == (None, "fp16", "bf16", "qsgd")
     assert all(d.help and d.valid for a in commhooks.ALGORITHMS for d in config.hparam_docs(a))
     with pytest.raises(ValueError, match=r"topology must be one of \('random-pair', 'ring', 'all'\), got 'star'"):
-        config.make_config("dpsgd", {"topology": "star"}).validate(2, 1)
+        config.make_config("dpsgd", {"topology": "star"})
     with pytest.raises(ValueError, match='buffers must be "average" or "local", got'):
-        config.make_config("ssgd", {"buffers": "both"}).validate(2, 1)
+        config.make_config("ssgd", {"buffers": "both"})
 
 
 @pytest.mark.timeout(60)

@@ -46,6 +46,9 @@ def test_efficiency_scales_the_bandwidth() -> None:
     ("ssgd-noise", None, 0.2 + 1.506),
     ("entropysgd", {"L": 5}, 0.2 + 1.506),
     ("cpsgd", {"period": 4}, 0.4 + 1.506 / 4),        # c + AR/p
+    ("cpsgd", {"period": 4, "delay": 2}, 0.4 + (1.506 - 0.8) / 4),  # c + (AR - d c)/p
+    ("diloco", {"period": 8, "delay": 4}, 0.4),       # AR < d c: hidden entirely
+    ("slowmo", {"period": 4}, 0.4 + 1.506 / 4),
     ("dpsgd", {"log_every": 0}, 0.2 + 1.001),         # c(1-h) + max(ch, X)
     ("dpsgd", {"log_every": 2}, 0.2 + 1.001),          # the estimate moves kilobytes: no term
     ("easgd", {"period": 1}, 1.506),                  # max(c, AR/t)

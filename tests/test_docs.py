@@ -3,6 +3,7 @@ design notes that do not ship, and the docs' hyper-parameter tables are the conf
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # One page per algorithm family: every algorithm is on one.
 PAGES = {"ssgd": "synchronous.md", "ssgd-noise": "synchronous.md", "cpsgd": "periodic.md",
-         "adpsgd": "periodic.md", "dpsgd": "gossip.md", "easgd": "elastic.md",
+         "adpsgd": "periodic.md", "diloco": "periodic.md", "slowmo": "periodic.md", "dpsgd": "gossip.md", "easgd": "elastic.md",
          "entropysgd": "parle.md", "parle": "parle.md"}
 # Documents that do not ship with the repository (design notes, paper collections).
 FORBIDDEN = re.compile(r"ALGORITHMS\.md|PITFALLS\.md|DESIGN\.md|\bshared/|\bseeds?[ /]0\d\d", re.IGNORECASE)
@@ -123,8 +124,8 @@ def test_algorithm_pages_hold_the_generated_tables(algo):
     assert re.search(r"arXiv\s+\d{4}\.\d{5}|OpenReview\s+\w+", page)
     assert re.search(r"(eq\.|Algorithm|Sections?) \d", page)
     tables = dict(re.findall(r"<!-- hparams ([\w-]+) -->\n(.*?)<!-- /hparams -->", page, re.DOTALL))
-    own = [doc for doc in commhooks.config.hparam_docs(algo)
-           if doc.name not in {"buffers", "grad_compression"}]
+    common = {f.name for f in dataclasses.fields(commhooks.config.CommonConfig)}
+    own = [doc for doc in commhooks.config.hparam_docs(algo) if doc.name not in common]
     if not own:
         return
     expected = cli.hparam_markdown(algo)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -17,7 +16,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from commhooks.config import make_config
-from commhooks.guards import warn_foot_guns
 
 # The collective timeout given to build: an error that comes much sooner was not a timeout.
 TIMEOUT_S = 60.0
@@ -242,7 +240,7 @@ def _foot_gun_warnings(name: str, hp: dict, opt: dict, num_replicas: int = 2) ->
     optimizer = torch.optim.SGD(make_model().parameters(), **opt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_foot_guns(name, dataclasses.asdict(make_config(name, hp)), optimizer, num_replicas)
+        make_config(name, hp).warn_foot_guns(name, optimizer, num_replicas)
     return [str(w.message) for w in caught]
 
 

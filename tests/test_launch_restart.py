@@ -17,7 +17,8 @@ import torch
 from launcher import REPO, run_launcher
 
 WORKER = REPO / "tests" / "workers" / "tiny_train.py"
-HPARAMS: dict[str, dict[str, Any]] = {"ssgd": {}, "cpsgd": {"period": 4}, "dpsgd": {}}
+# diloco: averaged after step 3, corrected after step 6: the checkpoint after step 6 (k = 5) holds it in flight
+HPARAMS: dict[str, dict[str, Any]] = {"ssgd": {}, "cpsgd": {"period": 4}, "dpsgd": {}, "diloco": {"period": 4, "delay": 3}}
 STEPS, EVERY = 20, 3  # kills at step 8 resume from 6; kills inside save 9 also resume from 6
 
 
@@ -68,7 +69,7 @@ def reference(tmp_factory: pytest.TempPathFactory, name: str) -> list[dict]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", ["ssgd", "cpsgd", "dpsgd"])
+@pytest.mark.parametrize("name", ["ssgd", "cpsgd", "dpsgd", "diloco"])
 def test_killed_worker_resumes_bit_identically(
     name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

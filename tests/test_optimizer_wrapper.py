@@ -31,6 +31,8 @@ CASES: dict[str, dict[str, Any]] = {
     "ssgd-noise": {"noise_std": 0.01, "seed": 3},
     "cpsgd": {"period": 2, "warmup_steps": 1},
     "adpsgd": {"warmup_steps": 1, "p_init": 2, "sample_steps": 4, "low": 0.9, "high": 1.1},
+    "diloco": {"period": 2, "warmup_steps": 1},
+    "slowmo": {"period": 3, "warmup_steps": 1, "delay": 1},
     "dpsgd": {"topology": "random-pair", "seed": 5},
     "easgd": {"rho": 0.5, "rho_max": 2.0, "period": 2, "steps_per_epoch": 3},
     "entropysgd": {"L": 3, "gamma": 0.05, "gamma_max": 0.3, "steps_per_epoch": 2},

@@ -29,7 +29,7 @@ RESULT_KEYS = {"algo", "world_size", "replica_size", "epochs", "steps", "val_acc
 BASE_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "comm/bytes", "comm/syncs",
              "comm/seconds", "consensus/distance"}
 EXTRA_TAGS = {"adpsgd": {"adpsgd/period"}, "parle": {"parle/gamma", "parle/rho"},
-              "entropysgd": {"parle/gamma"}}
+              "entropysgd": {"entropysgd/gamma"}}
 
 
 def _env() -> dict[str, str]:
@@ -94,6 +94,8 @@ def test_recipe_defaults_are_run_derived_and_adapt():
     assert cli.algo_defaults("easgd", steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"steps_per_epoch": 100}
     assert cli.algo_defaults("dpsgd", steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"seed": 3, "log_every": 10}
     assert cli.algo_defaults("ssgd-noise", steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"seed": 3}
+    for name in ("diloco", "slowmo"):  # cpsgd's period: theirs exceed whole runs on small data sets
+        assert cli.algo_defaults(name, steps_per_epoch=100, total_steps=4000, seed=3)[0] == {"log_every": 10, "period": 8}
     # the papers' values the recipe used to restate are the library's defaults
     library = {name: {d.name: d.default for d in commhooks.config.hparam_docs(name)} for name in ("cpsgd", "ssgd-noise")}
     assert library["cpsgd"]["period"] == 8 and library["ssgd-noise"]["noise_std"] == 0.01

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from benchmarks.common import AllocationRecorder, held_bytes, model_bytes
-from commhooks.averaging import ConsensusProbe
+from commhooks.ops.probe import ConsensusProbe
 
 STEPS = 12
 
@@ -114,6 +114,12 @@ HELD: list[tuple[str, dict[str, Any], int]] = [
     ("ssgd-noise", {"noise_std": 0.01}, 1),
     ("cpsgd", {"period": 4, "log_every": 5}, 0),
     ("adpsgd", {"p_init": 2, "sample_steps": 4}, 1),
+    # outer optimizers: the global weights and the momentum; overlap: the snapshot and the mean in flight
+    ("diloco", {"period": 4}, 2),
+    ("slowmo", {"period": 4, "outer_momentum": 0.0}, 1),
+    ("cpsgd", {"period": 4, "delay": 2}, 2),
+    ("adpsgd", {"p_init": 2, "p_min": 2, "sample_steps": 4, "delay": 1}, 2),
+    ("diloco", {"period": 4, "delay": 1}, 4),
     ("dpsgd", {"topology": "random-pair", "log_every": 5}, 1),
     ("dpsgd", {"topology": "ring"}, 2),
     ("dpsgd", {"topology": "all"}, 1),

@@ -6,29 +6,31 @@ communicating and SSGD's replicas stay identical.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .algorithm import Component, Context
-
-_MASK64 = (1 << 64) - 1
-
-
-def step_seed(seed: int, k: int) -> int:
-    """A 63-bit seed for step ``k`` of a stream ``seed`` (splitmix64 of the pair).
-
-    Shared by the noise and the gossip matching so that each is a pure function of (seed, k).
-    """
-    x = (seed * 0x9E3779B97F4A7C15 + k + 1) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) >> 1
+from ..base.config import ConfigBase, check, hparam, is_int
+from ..base.rng import step_generator
+from ..ops.component import Component, Context
 
 
-def step_generator(seed: int, k: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(step_seed(seed, k))
+@dataclass(frozen=True, kw_only=True)
+class NoiseConfig(ConfigBase):
+    """The fields of :class:`IsotropicNoise`."""
+
+    noise_std: float = hparam(0.01, valid="a finite number > 0",
+                              help="sigma of the Gaussian noise added to every parameter after each step")
+    seed: int = hparam(0, valid="an integer", help="seed of the noise draws (every rank draws the same noise)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(isinstance(self.noise_std, (int, float)) and math.isfinite(self.noise_std) and self.noise_std > 0,
+              "noise_std", "a finite number > 0", self.noise_std)
+        check(is_int(self.seed), "seed", "an integer", self.seed)
 
 
 class IsotropicNoise(Component):
@@ -54,6 +56,10 @@ class IsotropicNoise(Component):
         self._pool: ThreadPoolExecutor | None = None
         self._drawing: Future | None = None
         self._drawn_for: int | None = None
+
+    @classmethod
+    def from_config(cls, ctx: Context, cfg: NoiseConfig) -> IsotropicNoise:
+        return cls(ctx, cfg.noise_std, cfg.seed)
 
     def _draw(self, k: int) -> None:
         gen = step_generator(self.seed, k, self.ctx.weights.device)
@@ -81,7 +87,7 @@ class IsotropicNoise(Component):
             self._draw(k)
             self._drawn_for = k
         with torch.no_grad():
-            for seg, noise in zip(self.ctx.weights.param_segments(), self.noise):
+            for seg, noise in zip(self.ctx.weights.param_segments(), self.noise, strict=True):
                 seg.add_(noise, alpha=self.noise_std)
 
     def state_dict(self) -> dict[str, Any]:

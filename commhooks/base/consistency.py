@@ -67,7 +67,7 @@ def check_same_across_ranks(
     differ = (low != high).tolist()
     if differ[0]:
         raise RuntimeError(f"ranks disagree on which fields to compare (rank has {names})")
-    bad = [name for name, d in zip(names, differ[1:]) if d]
+    bad = [name for name, d in zip(names, differ[1:], strict=True) if d]
     if bad:
         mine = ", ".join(f"{k}={fields[k]!r}" for k in bad)
         raise RuntimeError(

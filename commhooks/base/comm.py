@@ -68,7 +68,7 @@ class CommMeter:
             work.wait()
         self.comm_seconds += time.perf_counter() - start
 
-    def record_distance(self, value: float, step: int) -> None:
+    def record_distance(self, value: float, step: float) -> None:
         self._finish_distance()
         self._distance, self._distance_step = float(value), float(step)
 
@@ -173,15 +173,15 @@ def make_topology(replica_size: int, timeout: timedelta | None = None) -> Topolo
             f"replica_size={replica_size} must divide the world size {world} "
             "(replicas are groups of replica_size consecutive ranks)"
         )
-    kwargs = {} if timeout is None else {"timeout": timeout}
+    replica_group: ProcessGroup | None
     if replica_size == 1:
         replica_group = None
     elif replica_size == world:
         replica_group = dist.group.WORLD
     else:
-        replica_group, _ = dist.new_subgroups(group_size=replica_size, **kwargs)
-    weight_group = dist.new_group(ranks=list(range(world)), **kwargs) if world > 1 else None
-    guard_group = dist.new_group(ranks=list(range(world)), backend="gloo", **kwargs) if world > 1 else None
+        replica_group, _ = dist.new_subgroups(group_size=replica_size, timeout=timeout)
+    weight_group = _whole_world_group(world, timeout) if world > 1 else None
+    guard_group = _whole_world_group(world, timeout, backend="gloo") if world > 1 else None
     return Topology(
         world_size=world,
         rank=rank,
@@ -192,10 +192,17 @@ def make_topology(replica_size: int, timeout: timedelta | None = None) -> Topolo
     )
 
 
+def _whole_world_group(world: int, timeout: timedelta | None, backend: str | None = None) -> ProcessGroup:
+    """A new group of every rank (collective: every rank creates it, in the same order)."""
+    group = dist.new_group(ranks=list(range(world)), timeout=timeout, backend=backend)
+    assert isinstance(group, ProcessGroup), "every rank is a member of a whole-world group"
+    return group
+
+
 class PendingMean:
     """A mean over replicas that was started asynchronously; :meth:`wait` finishes it in place."""
 
-    def __init__(self, tensors: list[torch.Tensor], works: list, divisor: int, meter: CommMeter):
+    def __init__(self, tensors: list[torch.Tensor], works: list | None, divisor: int, meter: CommMeter):
         self.tensors, self._works, self._divisor, self._meter = tensors, works, divisor, meter
 
     def wait(self) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ the algorithm sets before each backward. ``group=None`` means no exchange (local
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .comm import CommMeter
+from .config import CommonConfig
+
 
 @dataclass(kw_only=True)
 class GradSyncState:
@@ -22,16 +24,17 @@ class GradSyncState:
     Args:
         group: the group gradients are averaged over, or ``None`` for none (local gradients).
         meter: where bytes and blocked seconds are charged.
-        on_first_bucket: called once per backward, before the first bucket is reduced; the
-            gossip exchange starts there so it overlaps the rest of the backward pass.
-        on_backward: called once per backward before anything else (the step check of
-            ``commhooks.guards``).
+        on_backward: called once per backward, before the first bucket is reduced. Set by
+            ``commhooks.Algorithm`` only, which checks the step there and dispatches the
+            components' ``backward_started`` phase (the gossip exchange starts there so it
+            overlaps the rest of the backward pass).
+        step: the step whose backward runs (set by the algorithm; QSGD seeds its draws with it).
     """
 
     group: ProcessGroup | None
     meter: CommMeter
-    on_first_bucket: Callable[[], None] | None = None
     on_backward: Callable[[], None] | None = None
+    step: int = 0
     _started: bool = False
     _launched: list[float] = field(default_factory=list)
     _done: list[float] = field(default_factory=list)
@@ -41,8 +44,6 @@ class GradSyncState:
             self._started = True
             if self.on_backward is not None:
                 self.on_backward()
-            if self.on_first_bucket is not None:
-                self.on_first_bucket()
 
     def end_backward(self) -> None:
         """Charge the gradient communication that outlasted the backward pass, and re-arm.
@@ -82,7 +83,8 @@ def allreduce_hook(state: GradSyncState, bucket: dist.GradBucket) -> torch.futur
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         state._done.append(time.perf_counter())
-        return fut.value()[0]
+        reduced: torch.Tensor = fut.value()[0]
+        return reduced
 
     return work.get_future().then(finish)
 
@@ -114,6 +116,12 @@ def compress_wrapper(hook: Hook, dtype: torch.dtype) -> Hook:
 COMPRESSION = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_grad_hook(compression: str | None) -> Hook:
-    dtype = COMPRESSION[compression]
+def make_grad_hook(config: CommonConfig, params: Iterable[torch.Tensor] = ()) -> Hook:
+    """The gradient hook of ``config.grad_compression`` (``params``: the model's, for QSGD's draws)."""
+    if config.grad_compression == "qsgd":
+        from .qsgd import QSGDCompressor, qsgd_hook  # qsgd imports this module
+
+        return qsgd_hook(QSGDCompressor(params, bits=config.qsgd_bits, bucket_size=config.qsgd_bucket_size,
+                                        seed=config.qsgd_seed))
+    dtype = COMPRESSION[config.grad_compression]
     return allreduce_hook if dtype is None else compress_wrapper(allreduce_hook, dtype)

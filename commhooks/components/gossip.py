@@ -9,15 +9,37 @@ the exchange starts from the DDP comm hook at the first gradient bucket and fini
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from .algorithm import Component, Context
-from .averaging import ConsensusProbe
-from .comm import PendingMean, start_replica_mean
-from .noise import step_generator
+from ..base.comm import PendingMean, start_replica_mean
+from ..base.config import check, hparam, is_int, literal_values
+from ..base.rng import step_generator
+from ..ops.averages import count_sync
+from ..ops.component import Component, Context
+from ..ops.probe import ConsensusLogConfig, ConsensusProbe
+
+GossipTopology = Literal["random-pair", "ring", "all"]
+TOPOLOGIES: tuple[str, ...] = literal_values(GossipTopology)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GossipConfig(ConsensusLogConfig):
+    """The fields of :class:`GossipMixing`."""
+
+    topology: GossipTopology = hparam(
+        "random-pair", choices=TOPOLOGIES, valid='"random-pair", "ring" or "all"',
+        help="neighbours: random-pair = a fresh random pairing each step, ring = both ring "
+             "neighbours, all = every replica (the exact mean)")
+    seed: int = hparam(0, valid="an integer", help="seed of the random pairing (every rank draws the same one)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.topology in TOPOLOGIES, "topology", f"one of {TOPOLOGIES}", self.topology)
+        check(is_int(self.seed), "seed", "an integer", self.seed)
 
 
 def random_matching(num_replicas: int, seed: int, k: int) -> list[int | None]:
@@ -60,21 +82,25 @@ class GossipMixing(Component):
     """Mix the weights with neighbours before the optimizer step; exchange overlaps backward.
 
     The consensus distance is measured only every ``log_every`` steps, by a
-    :class:`~commhooks.averaging.ConsensusProbe`: an estimate from a few thousand sampled
+    :class:`~commhooks.ops.probe.ConsensusProbe`: an estimate from a few thousand sampled
     coordinates (exact for a model no larger than the sample), kilobytes of traffic counted in
     ``measure_bytes``, never in ``comm_bytes``. In between, ``stats()`` reports the last measured
     value with its ``consensus_step``; with ``log_every=0`` it is NaN (not measured), never a 0.0
     that would read as perfect agreement.
 
     Args:
-        ctx: the shared context; the gradient hook's ``on_first_bucket`` is taken over.
+        ctx: the shared context.
         topology: ``random-pair``, ``ring`` or ``all``.
         seed: the matching's seed (``random-pair``).
         log_every: estimate the consensus distance every that many steps; 0 never.
+        overlap_backward: start the exchange when backward starts (``backward_started``), so it
+            overlaps the rest of the backward pass; False starts it in ``step()`` and waits at
+            once (the blocking exchange, for comparison).
     """
 
-    def __init__(self, ctx: Context, topology: str, seed: int, log_every: int) -> None:
+    def __init__(self, ctx: Context, topology: str, seed: int, log_every: int, *, overlap_backward: bool = True) -> None:
         self.ctx, self.topology, self.seed, self.log_every = ctx, topology, seed, log_every
+        self.overlap_backward = overlap_backward
         self.k = 0
         topo = ctx.topo
         segments = ctx.weights.comm_segments()
@@ -89,7 +115,10 @@ class GossipMixing(Component):
             # NCCL wants every rank of a group in its first call; a random-pair exchange with an
             # odd replica count leaves one out. One tiny collective at build settles that.
             dist.all_reduce(torch.zeros(1, device=ctx.weights.device), group=topo.weight_group)
-        ctx.grad_state.on_first_bucket = self.start_exchange
+
+    @classmethod
+    def from_config(cls, ctx: Context, cfg: GossipConfig) -> GossipMixing:
+        return cls(ctx, cfg.topology, cfg.seed, cfg.log_every)
 
     @property
     def peers(self) -> tuple[int, ...]:
@@ -98,6 +127,10 @@ class GossipMixing(Component):
 
     def prepare(self, k: int) -> None:
         self.k = k
+
+    def backward_started(self, k: int) -> None:
+        if self.overlap_backward:
+            self.start_exchange()
 
     def start_exchange(self) -> None:
         """Post the receives from step ``k``'s peers, then send this replica's weights to them.
@@ -114,7 +147,7 @@ class GossipMixing(Component):
         segments = self.ctx.weights.comm_segments()
         self._works = []
         if self.topology == "all":
-            for box, seg in zip(self._inbox[0], segments):
+            for box, seg in zip(self._inbox[0], segments, strict=True):
                 box.copy_(seg)  # the weights must not change while backward still reads them
             self._mean = start_replica_mean(self._inbox[0], topo, meter, group=topo.weight_group)
             return
@@ -122,7 +155,8 @@ class GossipMixing(Component):
         group = topo.weight_group
         ops = [
             dist.P2POp(dist.irecv, box, topo.rank_of(peer), group)
-            for peer, boxes in zip(self._peers, self._inbox) for box in boxes
+            # zip stops at the peers: an odd random pairing leaves a replica without one this step.
+            for peer, boxes in zip(self._peers, self._inbox, strict=False) for box in boxes
         ]
         for peer in self._peers:
             ops += [dist.P2POp(dist.isend, seg, topo.rank_of(peer), group) for seg in segments]
@@ -136,7 +170,7 @@ class GossipMixing(Component):
         with torch.no_grad():
             if self.topology == "all":
                 assert self._mean is not None
-                for seg, mean in zip(self.ctx.weights.comm_segments(), self._mean.wait()):
+                for seg, mean in zip(self.ctx.weights.comm_segments(), self._mean.wait(), strict=True):
                     seg.copy_(mean)
             else:
                 meter.wait(self._works or [])
@@ -146,7 +180,7 @@ class GossipMixing(Component):
                             seg.add_(boxes[i])
                         seg.div_(1 + len(self._peers))
         if self.ctx.topo.num_replicas > 1:
-            meter.syncs += 1
+            count_sync(self.ctx)
         self._works, self._mean = None, None
 
     def after_optimizer(self, k: int) -> None:

@@ -33,8 +33,6 @@ the number of batches the shortest rank has.
 
 from __future__ import annotations
 
-import math
-import warnings
 from datetime import timedelta
 
 import torch
@@ -147,7 +145,7 @@ class ExchangeGuard:
             ])
         return sum(1 << i for i, good in enumerate(ok.tolist()) if not good)
 
-    def _all_reduce(self, t: torch.Tensor, op: ReduceOp, where: str, timeout: timedelta | None) -> None:
+    def _all_reduce(self, t: torch.Tensor, op: ReduceOp.RedOpType, where: str, timeout: timedelta | None) -> None:
         try:
             work = dist.all_reduce(t, op=op, group=self.group, async_op=True)
             if timeout is None:
@@ -242,49 +240,3 @@ def pull_stability_bound(momentum: float, nesterov: bool) -> float:
     if nesterov:
         return 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
     return 2.0 * (1.0 + momentum)
-
-
-def _sgd_kind(momentum: float, nesterov: bool) -> str:
-    if momentum == 0:
-        return "SGD without momentum"
-    return f"SGD with {'Nesterov' if nesterov else 'heavy-ball'} momentum {momentum:g}"
-
-
-def warn_foot_guns(name: str, hparams: dict[str, object], optimizer: torch.optim.Optimizer, num_replicas: int) -> None:
-    """Warn (at ``build``) about settings that train without error but not as intended.
-
-    - Parle / Entropy-SGD with ``steps_per_epoch < L``: the anchors, the model ``consensus()``
-      evaluates, only move every ``L`` steps, so they are still the initial weights after the
-      first epoch.
-    - Elastic-SGD / Parle with ``lr * rho_max`` (``rho`` unscoped) above
-      :func:`pull_stability_bound` for the optimizer's lr and momentum: the replicas diverge
-      from each other once the scoped ``rho`` gets there.
-    """
-    if name in ("parle", "entropysgd"):
-        B, L = hparams.get("steps_per_epoch"), hparams["L"]
-        if isinstance(B, int) and B < L:
-            warnings.warn(
-                f"{name}: steps_per_epoch={B} < L={L}: the anchors (the model consensus() "
-                f"evaluates) move once every L={L} steps, so after the first epoch they are still "
-                f"the initial weights; choose L <= steps_per_epoch",
-                stacklevel=3,
-            )
-    if name not in ("easgd", "parle") or num_replicas == 1:  # one replica: the pull is zero
-        return
-    group = optimizer.param_groups[0]
-    if name == "easgd" and not isinstance(optimizer, torch.optim.SGD):
-        return  # the bound is SGD's; other optimizers rescale the pull
-    momentum = float(group.get("momentum", 0.0) or 0.0)
-    # Parle's anchor step is Nesterov with the optimizer's lr and momentum (Parle, Remark 2).
-    nesterov = name == "parle" or bool(group.get("nesterov", False))
-    key = "rho_max" if hparams["scoping"] else "rho"
-    lr, rho = float(group["lr"]), float(hparams[key])  # type: ignore[arg-type]
-    bound = pull_stability_bound(momentum, nesterov and momentum > 0)
-    if not math.isfinite(lr * rho) or lr * rho > bound:
-        warnings.warn(
-            f"{name}: lr * {key} = {lr:g} * {rho:g} = {lr * rho:.3g} exceeds {bound:.3g}, the "
-            f"stability bound of the elastic pull through {_sgd_kind(momentum, nesterov)}: the replicas "
-            f"drift apart once rho passes {bound / lr:.3g}; keep {key} <= {bound / lr:.3g} at "
-            f"lr {lr:g}",
-            stacklevel=3,
-        )

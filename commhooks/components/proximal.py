@@ -13,14 +13,47 @@ Entropy-SGD is this with one replica: ``x~ = x_a`` exactly, no anchor communicat
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .algorithm import Component, Context
-from .comm import start_distance_mean
-from .elastic import BufferAverage, ReferenceAverage, pull_into_grads, scoped
-from .inplace import Scratch
+from ..base.config import check, hparam, is_int
+from ..base.inplace import Scratch
+from ..ops.averages import BufferAverage, ReferenceAverage, count_sync
+from ..ops.component import Component, Context
+from ..ops.pulls import CouplingConfig, pull_into_grads
+from ..ops.schedules import ScopingConfig, check_coefficient, scoped
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProximalConfig(ScopingConfig):
+    """The fields of :class:`ProximalInnerLoop` (with several replicas, also a :class:`CouplingConfig`)."""
+
+    L: int = hparam(25, valid="an integer >= 1", help="inner steps per outer step (and per weight exchange in parle)")
+    alpha: float = hparam(0.75, valid="in [0, 1)", help="weight of the running average of the inner iterates: z = alpha z + (1 - alpha) y")
+    gamma: float = hparam(0.01, valid="a finite number >= 0", help="proximal coupling: gamma * (y - x) pulls the inner iterate y to its anchor x")
+    gamma_max: float = hparam(1.0, valid=">= gamma", help="cap of gamma under scoping")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(is_int(self.L) and self.L >= 1, "L", "an integer >= 1", self.L)
+        check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha < 1, "alpha", "in [0, 1)", self.alpha)
+        check_coefficient("gamma", self.gamma, "gamma_max", self.gamma_max)
+
+    def warn_foot_guns(self, name: str, optimizer: Any, num_replicas: int) -> None:
+        """Warn when ``steps_per_epoch < L``: the anchors, the model ``consensus()`` evaluates, only
+        move every ``L`` steps, so they are still the initial weights after the first epoch."""
+        super().warn_foot_guns(name, optimizer, num_replicas)
+        B, L = self.steps_per_epoch, self.L
+        if isinstance(B, int) and B < L:
+            warnings.warn(
+                f"{name}: steps_per_epoch={B} < L={L}: the anchors (the model consensus() "
+                f"evaluates) move once every L={L} steps, so after the first epoch they are still "
+                f"the initial weights; choose L <= steps_per_epoch",
+                stacklevel=3,
+            )
 
 
 class ProximalInnerLoop(Component):
@@ -59,6 +92,13 @@ class ProximalInnerLoop(Component):
         self.scratch = Scratch(ctx.weights)
         self.k = 0
 
+    @classmethod
+    def from_config(cls, ctx: Context, cfg: ProximalConfig, coupling: CouplingConfig | None = None) -> ProximalInnerLoop:
+        """Entropy-SGD without ``coupling`` (``rho = 0``), Parle with it."""
+        return cls(ctx, L=cfg.L, alpha=cfg.alpha, gamma=cfg.gamma, gamma_max=cfg.gamma_max,
+                   rho=coupling.rho if coupling else 0.0, rho_max=coupling.rho_max if coupling else 0.0,
+                   steps_per_epoch=cfg.steps_per_epoch, scoping=cfg.scoping)
+
     def coefficients(self, k: int) -> tuple[float, float]:
         s = k // self.L
         return (
@@ -80,7 +120,7 @@ class ProximalInnerLoop(Component):
     def after_optimizer(self, k: int) -> None:
         y = self.ctx.weights.param_segments()
         with torch.no_grad():
-            for z, yi in zip(self.average, y):
+            for z, yi in zip(self.average, y, strict=True):
                 z.lerp_(yi, 1.0 - self.alpha)  # z = alpha z + (1 - alpha) y, one pass
         if (k + 1) % self.L == 0:
             self._outer_step(k)
@@ -92,7 +132,7 @@ class ProximalInnerLoop(Component):
         refs = self.reference.get() if self.reference is not None else [None] * len(self.anchor)
         squares = torch.zeros((), dtype=torch.float64, device=self.ctx.weights.device)
         with torch.no_grad():
-            for x, z, v, ref, y in zip(self.anchor, self.average, self.velocity, refs, self.ctx.weights.param_segments()):
+            for x, z, v, ref, y in zip(self.anchor, self.average, self.velocity, refs, self.ctx.weights.param_segments(), strict=True):
                 d = torch.sub(x, z, out=z)  # x - z, in the running average's buffer (reset below)
                 if ref is not None:
                     pull = torch.sub(x, ref, out=ref)  # x - x~, in the consumed reference
@@ -103,8 +143,7 @@ class ProximalInnerLoop(Component):
                 y.copy_(x)
                 z.copy_(x)
         if self.reference is not None:
-            self.ctx.meter.syncs += 1
-            start_distance_mean(squares, k + 1, self.ctx.topo, self.ctx.meter)
+            count_sync(self.ctx, local_squared=squares, step=k + 1)
             self.reference.discard()  # consumed: prepare() starts the next outer period's average
             self.buffer_average.start()
 
@@ -125,7 +164,7 @@ class ProximalInnerLoop(Component):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for key in ("anchor", "average", "velocity"):
-                for dst, src in zip(getattr(self, key), state[key]):
+                for dst, src in zip(getattr(self, key), state[key], strict=True):
                     dst.copy_(src)
         if self.reference is not None:
             self.reference.discard()  # it was started from the anchors before loading

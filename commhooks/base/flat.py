@@ -50,7 +50,7 @@ class FlatGroup:
     def split_params(self, segment: torch.Tensor) -> list[torch.Tensor]:
         """Views of a parameter-prefix-shaped tensor, one per parameter, shaped like it."""
         sizes = [p.numel() for p in self.params]
-        return [piece.view(shape) for piece, shape in zip(segment.split(sizes), self._shapes)]
+        return [piece.view(shape) for piece, shape in zip(segment.split(sizes), self._shapes, strict=True)]
 
 
 def _relocate(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
@@ -148,5 +148,5 @@ class FlatWeights:
 
     def restore(self, snapshot: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for dst, src in zip([g.flat for g in self.groups] + self.int_flats, snapshot):
+            for dst, src in zip([g.flat for g in self.groups] + self.int_flats, snapshot, strict=True):
                 dst.copy_(src)
