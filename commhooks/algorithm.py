@@ -10,8 +10,10 @@ One call of :meth:`Algorithm.step` is::
     k += 1
     for c in components: c.prepare(k)            # set up step k's backward (groups, prefetch)
 
-``Algorithm`` owns the step counter and the gradient hook's "backward started" signal: it is the
-only one that sets ``GradSyncState.on_backward``, and it dispatches it to the components.
+``Algorithm`` owns the step counter and the two signals components react to: "backward started"
+(it alone sets ``GradSyncState.on_backward``) and "an average was formed" (it alone sets
+``Context.average_formed``, which a periodic synchronisation calls before applying the mean); it
+dispatches each to every component's phase of that name.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Algorithm:
         self.replicas_identical = replicas_identical or ctx.topo.num_replicas == 1
         self.k = 0
         ctx.grad_state.on_backward = self._backward_started
+        ctx.average_formed = self._average_formed
         self._prepare()
         # optimizer.py: a bare optimizer.step() outside step() raises; as_optimizer() wraps it.
         self._inside_step = False
@@ -85,6 +88,10 @@ class Algorithm:
             self.ctx.guard.before_backward(self.k)
         for c in self.components:
             c.backward_started(self.k)
+
+    def _average_formed(self, means: list[torch.Tensor], lr: float) -> None:
+        for c in self.components:
+            c.average_formed(means, lr)
 
     def _prepare(self) -> None:
         self.ctx.grad_state.step = self.k

@@ -64,9 +64,9 @@ class OuterConfig(ConfigBase):
 class OuterOptimizer(Component):
     """Outer SGD with momentum on the pseudo-gradient of every periodic synchronisation.
 
-    Registers itself in ``ctx.sync_hooks``: the periodic averaging component calls it with the
-    replicas' mean ``M`` (per flat group, the parameter segment) and the lr of the synchronisation
-    step, and it replaces ``M`` in place by the outer step ``T`` (the new global weights). Place it
+    In its ``average_formed`` phase (a periodic synchronisation announces the replicas' mean ``M``,
+    per flat group the parameter segment, and the lr of the synchronisation step) it replaces
+    ``M`` in place by the outer step ``T`` (the new global weights). Place it
     after the averaging component (it reads the weights at the end of the warm-up).
 
     Args:
@@ -88,7 +88,6 @@ class OuterOptimizer(Component):
         with torch.no_grad():
             self.global_weights = [seg.detach().clone() for seg in ctx.weights.param_segments()]
             self.momentum_buffers = [torch.zeros_like(g) for g in self.global_weights] if momentum else None
-        ctx.sync_hooks.append(self.step_)
 
     @classmethod
     def from_config(cls, ctx: Context, cfg: OuterConfig, *, normalize: bool = False, warmup_steps: int = 0) -> OuterOptimizer:
@@ -100,6 +99,9 @@ class OuterOptimizer(Component):
             with torch.no_grad():
                 for g, seg in zip(self.global_weights, self.ctx.weights.param_segments(), strict=True):
                     g.copy_(seg)
+
+    def average_formed(self, means: list[torch.Tensor], lr: float) -> None:
+        self.step_(means, lr)
 
     def step_(self, means: list[torch.Tensor], inner_lr: float) -> None:
         """Replace ``means`` (the replicas' mean ``M``, per group) by the outer step ``T`` in place."""

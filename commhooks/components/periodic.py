@@ -68,8 +68,8 @@ class PeriodicAveraging(Component):
     With ``delay > 0`` a synchronisation is overlapped (:class:`commhooks.ops.overlap.DelayedAverage`):
     the mean of the weights after step ``k_s`` is applied as a correction after step
     ``k_s + delay``, where the schedule's controller also runs (with ``S``, ``lr`` and ``k`` of
-    step ``k_s``); ``S`` is then exact whenever it is measured. Hooks in ``ctx.sync_hooks``
-    (outer optimizers) see the mean before it is applied, in either mode.
+    step ``k_s``); ``S`` is then exact whenever it is measured. ``ctx.average_formed`` (outer
+    optimizers) sees the mean before it is applied, in either mode.
 
     Args:
         ctx: the shared context.
@@ -129,8 +129,7 @@ class PeriodicAveraging(Component):
             probe.gather(probe.mean)  # the average, at the same coordinates
             start_distance_mean(probe.local_squared(), k + 1, self.ctx.topo, self.ctx.meter)
             self._measure_due = False
-        for hook in self.ctx.sync_hooks:
-            hook(self.ctx.weights.param_segments(), self.ctx.lr)
+        self.ctx.average_formed(self.ctx.weights.param_segments(), self.ctx.lr)
         self.local_steps = 0
         self.schedule.update(distance, self.ctx.lr, k)
 

@@ -31,9 +31,10 @@ class Context:
 
     ``guard`` checks, before each weight exchange, that every rank is at the same step (and,
     opt-in, that no weights are non-finite); components call ``guard.before_exchange``.
-    ``sync_hooks`` are called by a periodic synchronisation with the per-group parameter tensors
-    that hold the replicas' mean and the lr of the synchronisation step; a hook may replace the
-    mean in place before it is applied (an outer optimizer, ``commhooks.components.outer``).
+    ``average_formed`` is how a synchronising component announces the replicas' mean it formed
+    (per flat group, the parameter tensors, and the lr of the synchronisation step) before the
+    mean is applied: ``commhooks.Algorithm``, its only writer, dispatches it to every component's
+    ``average_formed`` phase, where an outer optimizer replaces the mean in place.
     """
 
     weights: FlatWeights
@@ -42,7 +43,7 @@ class Context:
     grad_state: GradSyncState
     optimizer: torch.optim.Optimizer
     guard: ExchangeGuard = field(default_factory=ExchangeGuard)
-    sync_hooks: list[Callable[[list[torch.Tensor], float], None]] = field(default_factory=list)
+    average_formed: Callable[[list[torch.Tensor], float], None] = field(default=lambda means, lr: None)
 
     @property
     def lr(self) -> float:
@@ -69,6 +70,11 @@ class Component:
 
     def before_optimizer(self, k: int) -> None:
         """Called in step ``k`` after backward, before the user's optimizer step."""
+
+    def average_formed(self, means: list[torch.Tensor], lr: float) -> None:
+        """Called when a periodic synchronisation has formed the replicas' mean (``means``: the
+        parameters of each flat group; ``lr``: the synchronisation step's), before it is applied.
+        May replace ``means`` in place (an outer optimizer's step)."""
 
     def after_optimizer(self, k: int) -> None:
         """Called in step ``k`` right after the user's optimizer step."""

@@ -9,7 +9,7 @@ the correction
     x <- x + (mean_a(x_s) - x_s)
 
 which moves it to where the blocking rule would have put it, plus the local progress made since
-(docs/periodic.md, "Overlapped averaging"). An outer optimizer (``Context.sync_hooks``) replaces
+(docs/periodic.md, "Overlapped averaging"). An outer optimizer (``Context.average_formed``) replaces
 ``mean_a(x_s)`` by its outer step before the correction. Overlap Local-SGD (Wang, Liang & Joshi,
 ICASSP 2020, arXiv 2002.09539) and Streaming DiLoCo (Douillard et al., arXiv 2501.18512) hide
 the averaging behind local steps too, but mix the late average in differently (a pull towards
@@ -52,7 +52,7 @@ class DelayedAverage:
     """The snapshot, its asynchronous replica mean, and the correction ``delay`` steps later.
 
     Args:
-        ctx: the shared context (weights, topology, meter, ``sync_hooks``).
+        ctx: the shared context (weights, topology, meter, ``average_formed``).
         delay: steps between the snapshot and the correction (>= 1).
     """
 
@@ -124,8 +124,7 @@ class DelayedAverage:
             self._max_works = []
             if self._want_squared:
                 self._squared = self._squared_distance()
-            for hook in ctx.sync_hooks:
-                hook(self._params(self._mean), self._lr)
+            ctx.average_formed(self._params(self._mean), self._lr)
             for mean, snap in zip(self._mean, self._snapshot, strict=True):
                 mean.sub_(snap)
             for top, snap in zip(self._int_max, self._int_snapshot, strict=True):
