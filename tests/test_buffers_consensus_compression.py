@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from reference import make_ddp, make_model, train
-from spawn import run_ranks
 from torch import nn
 
 import commhooks
+
+from reference import make_ddp, make_model, train
+from spawn import run_ranks
 
 
 def _bn_model():

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from reference import OPT, make_ddp, make_model
-from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from commhooks.config import make_config
+
+from reference import OPT, make_ddp, make_model
+from spawn import run_ranks
 
 WORLD = 2
 # (case id, algorithm, replica_size, hparams, the argument the message must name)

@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-from spawn import run_ranks
 
 from benchmarks import compare
 from recipes import report
+
+from spawn import run_ranks
 
 
 def _scalars(logdir: Path) -> dict[str, list]:

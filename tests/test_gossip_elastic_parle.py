@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from reference import assert_matches, simulate, train
 from spawn import run_ranks
 

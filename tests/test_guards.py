@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from reference import OPT, loss_of, make_model
-from spawn import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from commhooks.config import make_config
+
+from reference import OPT, loss_of, make_model
+from spawn import run_ranks
 
 # The collective timeout given to build: an error that comes much sooner was not a timeout.
 TIMEOUT_S = 60.0

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launch_restart import EVERY, HPARAMS, REPO, STEPS, WORKER, assert_same_weights, reference, weights
 
 from benchmarks.netns import Cluster, why_unavailable
+
+from test_launch_restart import EVERY, HPARAMS, REPO, STEPS, WORKER, assert_same_weights, reference, weights
 
 NAME = "cpsgd"
 PORT = 29400

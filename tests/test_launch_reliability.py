@@ -26,14 +26,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from launcher import run_launcher
-from test_launch_restart import HPARAMS, REPO, assert_same_weights, launch, reference, weights
 
 from launch.checkpoint import MARKER, Checkpointer, NonFiniteError
 from launch.finite import named_tensors, nonfinite
 from launch.runtime import init_distributed, shutdown
 from recipes import report, train
 from recipes.mnist import RECIPE as MNIST
+
+from launcher import run_launcher
+from test_launch_restart import HPARAMS, REPO, assert_same_weights, launch, reference, weights
 
 
 def _quiet_limit(seconds: float) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from launcher import REPO, run_launcher
 
 WORKER = REPO / "tests" / "workers" / "tiny_train.py"

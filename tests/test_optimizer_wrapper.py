@@ -8,6 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from torch.amp import GradScaler
+from torch.nn.utils import clip_grad_norm_
+from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR
+
+import commhooks
+
 from reference import (
     OPT,
     assert_matches,
@@ -19,11 +25,6 @@ from reference import (
     simulate,
 )
 from spawn import run_ranks
-from torch.amp import GradScaler
-from torch.nn.utils import clip_grad_norm_
-from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR
-
-import commhooks
 
 WORLD, STEPS = 2, 8
 CASES: dict[str, dict[str, Any]] = {

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from reference import OPT, assert_matches, batch, flat, loss_of, make_ddp, make_model, simulate, train
-from spawn import run_ranks
 from torch.optim.lr_scheduler import MultiStepLR
 
 import commhooks
 from commhooks.config import CPSGDConfig, DiLoCoConfig, SlowMoConfig, make_config
+
+from reference import OPT, assert_matches, batch, flat, loss_of, make_ddp, make_model, simulate, train
+from spawn import run_ranks
 
 STEPS = 12
 WORLD = 4

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -35,6 +34,8 @@ from commhooks.base.qsgd import (
     variance_bound,
 )
 from commhooks.config import make_config
+
+from spawn import run_ranks
 
 # ---------------------------------------------------------------------------------------------
 # The quantizer, in-process

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import write_cifar10_folder
 
 import commhooks
 from recipes import cli, data, models, report
 from recipes.cifar import RECIPE as CIFAR
 from recipes.mnist import RECIPE as MNIST
+
+from fixtures import write_cifar10_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"algo", "world_size", "replica_size", "epochs", "steps", "val_acc", "val_loss",

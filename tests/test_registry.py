@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-import toy_algorithm
-from spawn import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from recipes import cli
 from recipes.mnist import RECIPE as MNIST
+
+import toy_algorithm
+from spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = toy_algorithm.NAME

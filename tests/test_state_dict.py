@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from reference import train
 from spawn import run_ranks
 

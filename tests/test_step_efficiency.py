@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-from reference import assert_matches, make_ddp, simulate, train
-from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commhooks
 from benchmarks.common import AllocationRecorder, held_bytes, model_bytes
 from commhooks.ops.probe import ConsensusProbe
+
+from reference import assert_matches, make_ddp, simulate, train
+from spawn import run_ranks
 
 STEPS = 12
 

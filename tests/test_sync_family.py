@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from reference import OPT, assert_matches, flat, loss_of, make_ddp, make_model, simulate, train
 from spawn import run_ranks
 
