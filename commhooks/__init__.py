@@ -32,15 +32,7 @@ from .ops.averages import ReferenceAverage, synchronize_weights
 from .ops.component import Component, Context
 from .ops.probe import ConsensusLogConfig
 from .ops.pulls import CouplingConfig
-from .ops.schedules import (
-    AdaptivePeriod,
-    AdaptivePeriodConfig,
-    ConstantPeriod,
-    ConstantPeriodConfig,
-    Schedule,
-    ScopingConfig,
-    scoped,
-)
+from .ops.schedules import AdaptivePeriod, AdaptivePeriodConfig, ConstantPeriod, ConstantPeriodConfig, Schedule, ScopingConfig, scoped
 from .optimizer import AlgorithmOptimizer, guard_bare_steps
 from .registry import AlgorithmSpec, algorithm_names, algorithm_spec, config_class, register, unregister
 

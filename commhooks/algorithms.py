@@ -43,7 +43,8 @@ class CPSGDConfig(OuterConfig, ConsensusLogConfig, OverlapConfig, PeriodicConfig
     """CPSGD: local SGD, weights averaged every `period` steps (Jiang & Agrawal, arXiv 2007.06134, Alg. 1)."""
 
     # 8: the constant period the ADPSGD paper compares against
-    period: int = hparam(8, valid="an integer >= 1 (1 is SSGD at a higher cost)", help="local steps between two weight averages (p)")
+    period: int = hparam(8, valid="an integer >= 1 (1 is SSGD at a higher cost)", help="local steps between two weight averages (p)",
+                         int_at_least=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,7 +69,7 @@ class ADPSGDConfig(OuterConfig, AdaptivePeriodConfig, OverlapConfig, PeriodicCon
 class DiLoCoConfig(CPSGDConfig):
     """DiLoCo: local steps, outer Nesterov SGD on the averaged update (Douillard et al., arXiv 2311.08105, Alg. 1)."""
 
-    period: int = hparam(500, valid="an integer >= 1", help="local (inner) steps between two outer steps (H)")
+    period: int = hparam(500, valid="an integer >= 1", help="local (inner) steps between two outer steps (H)", int_at_least=1)
     outer_lr: float = hparam(0.7, valid="a finite number > 0", help=OUTER_LR_HELP)
     outer_momentum: float = hparam(0.9, valid="in [0, 1)", help=OUTER_MOMENTUM_HELP)
     outer_nesterov: bool = hparam(True, valid="True or False", help=OUTER_NESTEROV_HELP)
@@ -78,7 +79,8 @@ class DiLoCoConfig(CPSGDConfig):
 class SlowMoConfig(CPSGDConfig):
     """SlowMo: local steps, slow momentum on the averaged update (Wang et al., ICLR 2020, arXiv 1910.00643, Alg. 1)."""
 
-    period: int = hparam(48, valid="an integer >= 1", help="local (base) steps between two slow momentum steps (tau)")
+    period: int = hparam(48, valid="an integer >= 1", help="local (base) steps between two slow momentum steps (tau)",
+                         int_at_least=1)
     outer_lr: float = hparam(1.0, valid="a finite number > 0",
                              help="alpha, the slow learning rate: g <- g - alpha * lr * u, lr the inner lr at the average")
     outer_momentum: float = hparam(0.5, valid="in [0, 1)",

@@ -182,14 +182,8 @@ def make_topology(replica_size: int, timeout: timedelta | None = None) -> Topolo
         replica_group, _ = dist.new_subgroups(group_size=replica_size, timeout=timeout)
     weight_group = _whole_world_group(world, timeout) if world > 1 else None
     guard_group = _whole_world_group(world, timeout, backend="gloo") if world > 1 else None
-    return Topology(
-        world_size=world,
-        rank=rank,
-        replica_size=replica_size,
-        replica_group=replica_group,
-        weight_group=weight_group,
-        guard_group=guard_group,
-    )
+    return Topology(world_size=world, rank=rank, replica_size=replica_size, replica_group=replica_group,
+                    weight_group=weight_group, guard_group=guard_group)
 
 
 def _whole_world_group(world: int, timeout: timedelta | None, backend: str | None = None) -> ProcessGroup:

@@ -28,15 +28,30 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_int_at_least(config: object, name: str, low: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``config.name`` is an integer ``>= low``."""
+    value = getattr(config, name)
+    check(is_int(value) and value >= low, name, f"an integer >= {low}", value)
+
+
 def is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def hparam(default: Any = MISSING, *, help: str, valid: str, choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field with its one-line meaning (``help``) and valid values (``valid``)."""
+def hparam(
+    default: Any = MISSING, *, help: str, valid: str, choices: tuple[Any, ...] | None = None, int_at_least: int | None = None,
+) -> Any:
+    """A config field with its one-line meaning (``help``) and valid values (``valid``).
+
+    With ``int_at_least``, every config checks at construction that the field is an integer at
+    least that large (``ConfigBase.__post_init__``); other rules go in the config's own
+    ``__post_init__``.
+    """
     metadata: dict[str, Any] = {"help": help, "valid": valid}
     if choices is not None:
         metadata["choices"] = choices
+    if int_at_least is not None:
+        metadata["int_at_least"] = int_at_least
     return field(default=default, metadata=metadata)
 
 
@@ -55,10 +70,14 @@ def literal_values(annotation: Any) -> tuple[Any, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class ConfigBase:
-    """The root of every config: the end of the ``__post_init__`` chain."""
+    """The root of every config: the end of the ``__post_init__`` chain, which checks the fields
+    declared with ``hparam(..., int_at_least=N)``."""
 
     def __post_init__(self) -> None:
-        pass
+        for f in fields(self):
+            low = f.metadata.get("int_at_least")
+            if low is not None:
+                check_int_at_least(self, f.name, low)
 
     def warn_foot_guns(self, name: str, optimizer: Any, num_replicas: int) -> None:
         """Warn (at ``build``) about settings that train without error but not as intended.
@@ -102,7 +121,7 @@ class CommonConfig(ConfigBase):
         help="QSGD: bits per level, s = 2^bits - 1 levels of abs(g_i) / norm(bucket); the sign takes one more bit")
     qsgd_bucket_size: int = hparam(
         512, valid="an integer >= 1",
-        help="QSGD: coordinates per bucket, each sends its float32 norm (the variance bound grows with it)")
+        help="QSGD: coordinates per bucket, each sends its float32 norm (the variance bound grows with it)", int_at_least=1)
     qsgd_seed: int = hparam(
         0, valid="an integer",
         help="QSGD: seed of the rounding draws (each rank's stream differs by rank, step and parameter)")
@@ -113,8 +132,6 @@ class CommonConfig(ConfigBase):
         check(self.grad_compression in GRAD_COMPRESSIONS, "grad_compression", 'None, "fp16", "bf16" or "qsgd"',
               self.grad_compression)
         check(is_int(self.qsgd_bits) and 1 <= self.qsgd_bits <= 8, "qsgd_bits", "an integer in 1..8", self.qsgd_bits)
-        check(is_int(self.qsgd_bucket_size) and self.qsgd_bucket_size >= 1,
-              "qsgd_bucket_size", "an integer >= 1", self.qsgd_bucket_size)
         check(is_int(self.qsgd_seed), "qsgd_seed", "an integer", self.qsgd_seed)
 
 

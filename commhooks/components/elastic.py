@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..base.config import check, hparam, is_int
+from ..base.config import hparam
 from ..base.inplace import Scratch
 from ..ops.averages import BufferAverage, ReferenceAverage, count_sync
 from ..ops.component import Component, Context
@@ -26,11 +26,7 @@ class ElasticConfig(ScopingConfig, CouplingConfig):
     """The fields of :class:`ElasticPull`."""
 
     period: int = hparam(1, valid="an integer >= 1",
-                         help="steps between two refreshes of the replicas' average (the scoping clock)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(is_int(self.period) and self.period >= 1, "period", "an integer >= 1", self.period)
+                         help="steps between two refreshes of the replicas' average (the scoping clock)", int_at_least=1)
 
 
 class ElasticPull(Component):

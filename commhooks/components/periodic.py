@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..base.comm import replica_mean_scalar, start_distance_mean
-from ..base.config import ConfigBase, check, hparam, is_int
+from ..base.config import ConfigBase, check, hparam
 from ..ops.averages import synchronize_weights
 from ..ops.component import Component, Context
 from ..ops.overlap import DelayedAverage
@@ -26,12 +26,7 @@ class PeriodicConfig(ConfigBase):
     """The fields of :class:`PeriodicAveraging` (the schedule has its own config)."""
 
     warmup_steps: int = hparam(0, valid="an integer >= 0",
-                               help="steps of synchronous SGD before the local steps begin (w)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0",
-              self.warmup_steps)
+                               help="steps of synchronous SGD before the local steps begin (w)", int_at_least=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,11 +38,7 @@ class OverlapConfig(ConfigBase):
 
     delay: int = hparam(0, valid="an integer >= 0 and < every period (0: blocking)",
                         help="overlap: start the weight average at the sync step and apply it as a correction "
-                             "this many steps later, local steps continuing meanwhile; 0 = blocking average")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(is_int(self.delay) and self.delay >= 0, "delay", "an integer >= 0", self.delay)
+                             "this many steps later, local steps continuing meanwhile; 0 = blocking average", int_at_least=0)
 
     def check_delay(self, shortest_period: int, period_name: str) -> None:
         """``delay`` below every period the schedule can take: a correction lands before the next snapshot."""

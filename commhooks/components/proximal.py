@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..base.config import check, hparam, is_int
+from ..base.config import check, hparam
 from ..base.inplace import Scratch
 from ..ops.averages import BufferAverage, ReferenceAverage, count_sync
 from ..ops.component import Component, Context
@@ -31,14 +31,13 @@ from ..ops.schedules import ScopingConfig, check_coefficient, scoped
 class ProximalConfig(ScopingConfig):
     """The fields of :class:`ProximalInnerLoop` (with several replicas, also a :class:`CouplingConfig`)."""
 
-    L: int = hparam(25, valid="an integer >= 1", help="inner steps per outer step (and per weight exchange in parle)")
+    L: int = hparam(25, valid="an integer >= 1", help="inner steps per outer step (and per weight exchange in parle)", int_at_least=1)
     alpha: float = hparam(0.75, valid="in [0, 1)", help="weight of the running average of the inner iterates: z = alpha z + (1 - alpha) y")
     gamma: float = hparam(0.01, valid="a finite number >= 0", help="proximal coupling: gamma * (y - x) pulls the inner iterate y to its anchor x")
     gamma_max: float = hparam(1.0, valid=">= gamma", help="cap of gamma under scoping")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(is_int(self.L) and self.L >= 1, "L", "an integer >= 1", self.L)
         check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha < 1, "alpha", "in [0, 1)", self.alpha)
         check_coefficient("gamma", self.gamma, "gamma_max", self.gamma_max)
 

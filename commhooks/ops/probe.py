@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base.comm import replica_mean_, start_distance_mean
-from ..base.config import ConfigBase, check, hparam, is_int
+from ..base.config import ConfigBase, hparam
 from ..base.flat import FlatWeights
 from ..base.rng import step_generator
 from .component import Context
@@ -19,11 +19,7 @@ class ConsensusLogConfig(ConfigBase):
 
     log_every: int = hparam(0, valid="an integer >= 0",
                             help="estimate the consensus distance every this many steps, from a few "
-                                 "kilobytes (measure_bytes); 0 = never (NaN)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(is_int(self.log_every) and self.log_every >= 0, "log_every", "an integer >= 0", self.log_every)
+                                 "kilobytes (measure_bytes); 0 = never (NaN)", int_at_least=0)
 
 
 #: The random stream the consensus probe draws its coordinates from (any fixed value: the

@@ -15,11 +15,7 @@ class ConstantPeriodConfig(ConfigBase):
     """The fields of :class:`ConstantPeriod`."""
 
     period: int = hparam(valid="an integer >= 1 (required; 1 is SSGD at a higher cost)",
-                         help="local steps between two weight averages (p)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(is_int(self.period) and self.period >= 1, "period", "an integer >= 1", self.period)
+                         help="local steps between two weight averages (p)", int_at_least=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,19 +25,17 @@ class AdaptivePeriodConfig(ConfigBase):
     sample_steps: int = hparam(
         valid="an integer >= 0 (required)",
         help="K_s: until this step every sync adds a sample S/lr to the calibration C2; after it "
-             "the period adapts (the paper: a quarter of the run)")
+             "the period adapts (the paper: a quarter of the run)", int_at_least=0)
     p_init: int = hparam(4, valid="an integer >= p_min", help="the period right after the warm-up")
     low: float = hparam(0.7, valid=">= 0 and < high",
                         help="the period grows by 1 when the consensus distance S < low * lr * C2")
     high: float = hparam(1.3, valid="> low (inf: never shrink)",
                          help="the period shrinks by 1 when S > high * lr * C2")
-    p_min: int = hparam(1, valid="an integer >= 1", help="the smallest period")
+    p_min: int = hparam(1, valid="an integer >= 1", help="the smallest period", int_at_least=1)
     p_max: int | None = hparam(None, valid="None (no cap) or an integer >= p_init", help="the largest period")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(is_int(self.sample_steps) and self.sample_steps >= 0, "sample_steps", "an integer >= 0", self.sample_steps)
-        check(is_int(self.p_min) and self.p_min >= 1, "p_min", "an integer >= 1", self.p_min)
         check(is_int(self.p_init) and self.p_init >= self.p_min, "p_init", f"an integer >= p_min ({self.p_min})", self.p_init)
         if self.p_max is not None:
             check(is_int(self.p_max) and self.p_max >= self.p_init, "p_max", f"None or an integer >= p_init ({self.p_init})",
