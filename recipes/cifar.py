@@ -44,4 +44,4 @@ RECIPE = Recipe(
 )
 
 if __name__ == "__main__":  # plain torchrun: the same prompt exit as under python -m launch
-    exit_final_codes_at_once(lambda: main(RECIPE))
+    exit_final_codes_at_once(lambda: main(RECIPE), success_too=True)
