@@ -13,9 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from .algorithm import Algorithm
 from .algorithms import ALGORITHMS
 from .base.comm import CommMeter, make_topology
+from .base.compression import make_grad_hook
 from .base.consistency import check_same_across_ranks
 from .base.flat import FlatWeights
-from .base.grad_hooks import GradSyncState, make_grad_hook
+from .base.grad_hooks import GradSyncState
 from .base.guards import ExchangeGuard
 from .ops.component import Context
 from .registry import algorithm_spec, make_config

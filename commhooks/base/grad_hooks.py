@@ -6,7 +6,7 @@ the algorithm sets before each backward. ``group=None`` means no exchange (local
 """
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .comm import CommMeter
-from .config import CommonConfig
 
 
 @dataclass(kw_only=True)
@@ -111,17 +110,3 @@ def compress_wrapper(hook: Hook, dtype: torch.dtype) -> Hook:
         return fut.then(decompress)
 
     return compressed_hook
-
-
-COMPRESSION = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def make_grad_hook(config: CommonConfig, params: Iterable[torch.Tensor] = ()) -> Hook:
-    """The gradient hook of ``config.grad_compression`` (``params``: the model's, for QSGD's draws)."""
-    if config.grad_compression == "qsgd":
-        from .qsgd import QSGDCompressor, qsgd_hook  # qsgd imports this module
-
-        return qsgd_hook(QSGDCompressor(params, bits=config.qsgd_bits, bucket_size=config.qsgd_bucket_size,
-                                        seed=config.qsgd_seed))
-    dtype = COMPRESSION[config.grad_compression]
-    return allreduce_hook if dtype is None else compress_wrapper(allreduce_hook, dtype)
