@@ -101,10 +101,9 @@ class OuterOptimizer(Component):
                     g.copy_(seg)
 
     def average_formed(self, means: list[torch.Tensor], lr: float) -> None:
-        self.step_(means, lr)
-
-    def step_(self, means: list[torch.Tensor], inner_lr: float) -> None:
-        """Replace ``means`` (the replicas' mean ``M``, per group) by the outer step ``T`` in place."""
+        """Replace ``means`` (the replicas' mean ``M``, per group) by the outer step ``T`` in place;
+        ``lr`` is the inner optimizer's at the synchronisation step."""
+        inner_lr = lr
         scale = 1.0
         if self.normalize:
             if not inner_lr > 0:

@@ -99,12 +99,11 @@ class ReferenceAverage:
         self.started = False
 
 
-class BufferAverage:
-    """Average floating buffers and max-reduce integer ones (BatchNorm statistics), asynchronously.
+class AsyncReplicaAverage:
+    """The mean over replicas of some tensors and the max of others, in place and asynchronously.
 
-    :meth:`start` launches both on the weight group and returns at once; :meth:`finish` waits.
-    Start it once the forward pass that updates the statistics is over and finish it before the
-    next forward reads them: the optimizer step runs in between, and the (small) traffic hides.
+    :meth:`start` launches both on the topology's weight group (so they never queue behind the
+    gradient all-reduce) and returns at once; :meth:`finish` waits for whatever is in flight.
     """
 
     def __init__(self, ctx: Context) -> None:
@@ -112,13 +111,13 @@ class BufferAverage:
         self._mean: PendingMean | None = None
         self._max: list = []
 
-    def start(self) -> None:
+    def start(self, means: list[torch.Tensor], maxes: list[torch.Tensor]) -> None:
         self.finish()
         ctx = self.ctx
         group = ctx.topo.weight_group
         with torch.no_grad():
-            self._mean = start_replica_mean(ctx.weights.buffer_segments(), ctx.topo, ctx.meter, group=group)
-            self._max = start_replica_max(ctx.weights.max_segments(), ctx.topo, ctx.meter, group=group)
+            self._mean = start_replica_mean(means, ctx.topo, ctx.meter, group=group)
+            self._max = start_replica_max(maxes, ctx.topo, ctx.meter, group=group)
 
     def finish(self) -> None:
         if self._mean is not None:
@@ -127,3 +126,21 @@ class BufferAverage:
         if self._max:
             self.ctx.meter.wait(self._max)
             self._max = []
+
+
+class BufferAverage:
+    """Average floating buffers and max-reduce integer ones (BatchNorm statistics), asynchronously.
+
+    Start it once the forward pass that updates the statistics is over and finish it before the
+    next forward reads them: the optimizer step runs in between, and the (small) traffic hides.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._average = AsyncReplicaAverage(ctx)
+
+    def start(self) -> None:
+        self._average.start(self.ctx.weights.buffer_segments(), self.ctx.weights.max_segments())
+
+    def finish(self) -> None:
+        self._average.finish()

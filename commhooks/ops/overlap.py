@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ..base.comm import PendingMean, start_replica_max, start_replica_mean
 from ..base.inplace import Scratch, add_scaled_difference_
+from .averages import AsyncReplicaAverage, count_sync
 from .component import Context
 
 
@@ -66,8 +66,7 @@ class DelayedAverage:
         self._int_snapshot = [torch.empty_like(t) for t in ctx.weights.max_segments()]
         self._int_max = [torch.empty_like(t) for t in self._int_snapshot]
         self._scratch = Scratch(ctx.weights)
-        self._pending_mean: PendingMean | None = None
-        self._max_works: list = []
+        self._in_flight = AsyncReplicaAverage(ctx)
         self.step: int | None = None  # k_s of the correction not applied yet, or None
         self._lr = 0.0
         self._want_squared = False
@@ -86,7 +85,6 @@ class DelayedAverage:
         """Snapshot the weights after step ``k`` and start their replica mean (returns at once)."""
         assert self.step is None, "a correction is still pending: delay must be < the period"
         ctx = self.ctx
-        group = ctx.topo.weight_group
         with torch.no_grad():
             for snap, mean, g in zip(self._snapshot, self._mean, ctx.weights.groups, strict=True):
                 snap.copy_(g.comm_segment)
@@ -94,11 +92,9 @@ class DelayedAverage:
             for snap, top, live in zip(self._int_snapshot, self._int_max, ctx.weights.max_segments(), strict=True):
                 snap.copy_(live)
                 top.copy_(snap)
-            sent = [t for t in self._mean if t.numel()]
-            self._pending_mean = start_replica_mean(sent, ctx.topo, ctx.meter, group=group)
-            self._max_works = start_replica_max(self._int_max, ctx.topo, ctx.meter, group=group)
+        self._in_flight.start([t for t in self._mean if t.numel()], self._int_max)
         if ctx.topo.num_replicas > 1:
-            ctx.meter.syncs += 1
+            count_sync(ctx)
         self.step, self._lr, self._want_squared = k, lr, want_squared
         self._squared, self._resolved = None, False
 
@@ -116,12 +112,8 @@ class DelayedAverage:
         if self._resolved or self.step is None:
             return
         ctx = self.ctx
+        self._in_flight.finish()
         with torch.no_grad():
-            if self._pending_mean is not None:
-                self._pending_mean.wait()
-                self._pending_mean = None
-            ctx.meter.wait(self._max_works)
-            self._max_works = []
             if self._want_squared:
                 self._squared = self._squared_distance()
             ctx.average_formed(self._params(self._mean), self._lr)
@@ -169,7 +161,7 @@ class DelayedAverage:
                 "int_correction": [t.clone() for t in self._int_max]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending_mean, self._max_works = None, []
+        self._in_flight.finish()  # (nothing is in flight after build: averages start in steps)
         self.step = state["step"]
         if self.step is None:
             return
